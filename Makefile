@@ -1,0 +1,34 @@
+# enricher: developer commands. Every target installs first when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: install test lint typecheck format all run clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check enricher tests
+	$(BIN)/ruff format --check enricher tests
+
+format: $(STAMP)
+	$(BIN)/ruff format enricher tests
+	$(BIN)/ruff check --fix enricher tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+all: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

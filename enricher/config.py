@@ -1,0 +1,683 @@
+"""The config file: frozen pydantic models, loading, and the effective config for check-config.
+
+Loading: ``${VAR}`` / ``${VAR:-default}`` are expanded in the raw text (full-line comments are left
+alone; ``$${`` writes a literal ``${``), the YAML is parsed safely (a key repeated in one mapping
+is an error) and the models validate it. Every model rejects unknown keys; values written in human
+units (``2s``, ``50/s``, ``100000/day``, ``100ms..10s``, ``1MiB``) are parsed by
+:mod:`enricher.units`.
+Every failure is a :class:`~enricher.errors.ConfigError` naming the dotted key path
+(``apis.geo.retry.attempts``, ``enrichments[0].api``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Hashable, Mapping
+from functools import partial
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from enricher import units
+from enricher.errors import ConfigError
+from enricher.units import QuotaPeriod
+from enricher.urls import UrlTemplate
+
+__all__ = [
+    "ApiSettings",
+    "Config",
+    "KafkaSettings",
+    "Quota",
+    "QuotaPeriod",
+    "Rate",
+    "RedisSettings",
+    "RetrySettings",
+    "Rule",
+    "TopicSettings",
+    "WorkerSettings",
+    "config_from_dict",
+    "expand_env",
+    "load_config",
+    "load_config_or_default_path",
+    "mask_url",
+    "parse_config",
+    "render_effective",
+]
+
+_MODEL = ConfigDict(frozen=True, extra="forbid")
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+_TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+class _Invalid(ValueError):
+    """A validation failure at ``key``, a dotted path below the object being validated."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _as_tuple(value: Any) -> Any:
+    """A YAML scalar where a list is expected means a list of one."""
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+def _not_bool(value: Any) -> Any:
+    """YAML reads yes/no/true/false as booleans; they are not numbers here."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+def _name(value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(f"may only contain letters, digits, '.', '_' and '-', got {value!r}")
+    return value
+
+
+def _topic(value: str) -> str:
+    if not _TOPIC_RE.fullmatch(value) or value in (".", ".."):
+        raise ValueError(
+            f"not a valid Kafka topic name (letters, digits, '.', '_', '-'): {value!r}"
+        )
+    return value
+
+
+def _dotted(value: str) -> str:
+    if not value or "" in value.split("."):
+        raise ValueError(f"expected a dotted path like client.ip, got {value!r}")
+    return value
+
+
+def _url_template(value: str) -> str:
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
+        raise ValueError("credentials in the URL are not allowed: send them in headers")
+    UrlTemplate(value)  # raises ValueError for a bad scheme, host or placeholder position
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(units.parse_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(units.parse_duration), Field(gt=0)]
+Size = Annotated[int, BeforeValidator(units.parse_size), Field(ge=1)]
+Share = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, le=1)]
+Positive = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
+Text = Annotated[str, Field(min_length=1)]
+Name = Annotated[str, AfterValidator(_name)]
+Topic = Annotated[str, AfterValidator(_topic)]
+DottedPath = Annotated[str, AfterValidator(_dotted)]
+HttpStatus = Annotated[int, BeforeValidator(_not_bool), Field(ge=100, le=599)]
+
+
+class Rate(BaseModel):
+    """Token-bucket refill: ``count`` calls per ``per`` seconds (``"50/s"``, ``"3000/m"``)."""
+
+    model_config = _MODEL
+    count: Positive
+    per: Annotated[float, Field(gt=0)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            count, per = units.parse_rate(data)
+            return {"count": count, "per": per}
+        return data
+
+    @property
+    def per_second(self) -> float:
+        """Calls per second."""
+        return self.count / self.per
+
+    def __str__(self) -> str:
+        return units.format_rate(self.count, self.per)
+
+
+class Quota(BaseModel):
+    """A hard cap per UTC calendar period (``"100000/day"``)."""
+
+    model_config = _MODEL
+    limit: Positive
+    period: QuotaPeriod
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            limit, period = units.parse_quota(data)
+            return {"limit": limit, "period": period}
+        return data
+
+    def __str__(self) -> str:
+        return units.format_quota(self.limit, self.period)
+
+
+class KafkaSettings(BaseModel):
+    """The broker, and what the app passes to Faust."""
+
+    model_config = _MODEL
+    broker: Annotated[tuple[Text, ...], BeforeValidator(_as_tuple), Field(min_length=1)] = (
+        "kafka://127.0.0.1:9092",
+    )
+    partitions: Positive = 8
+    rebalance_timeout: PositiveDuration = 60.0
+    session_timeout: PositiveDuration = 60.0
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+
+class RedisSettings(BaseModel):
+    """The Redis shared by all workers, and what to do when it is unreachable."""
+
+    model_config = _MODEL
+    url: str = "redis://127.0.0.1:6379/0"
+    on_unavailable: Literal["pause", "local"] = "pause"
+    local_share: Share = 0.25
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"expected a redis://, rediss:// or unix:// URL, got scheme {scheme!r}"
+            )
+        return value
+
+
+class TopicSettings(BaseModel):
+    """Kafka topic names; all four must differ."""
+
+    model_config = _MODEL
+    input: Topic = "events"
+    output: Topic = "events.enriched"
+    dead_letter: Topic = "events.dlq"
+    replay: Topic = "events.replay"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TopicSettings:
+        seen: dict[str, str] = {}
+        for key, topic in self.model_dump().items():
+            if topic in seen:
+                raise _Invalid(key, f"the same topic as topics.{seen[topic]} ({topic!r})")
+            seen[topic] = key
+        return self
+
+
+class WorkerSettings(BaseModel):
+    """One worker process."""
+
+    model_config = _MODEL
+    in_flight: Positive = 256
+    web_host: Text = "127.0.0.1"
+    web_port: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=65535)] = 0
+    max_event_bytes: Size = 1_048_576
+
+
+class RetrySettings(BaseModel):
+    """Retries of one API call; ``backoff: 100ms..10s`` in YAML sets backoff_min and backoff_max."""
+
+    model_config = _MODEL
+    attempts: Positive = 5
+    backoff_min: Duration = 0.1
+    backoff_max: Duration = 10.0
+    on_status: Annotated[tuple[HttpStatus, ...], BeforeValidator(_as_tuple)] = (
+        *(429, 500, 502, 503, 504),
+    )
+    max_retry_after: PositiveDuration = 300.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_backoff(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "backoff" not in data:
+            return data
+        data = dict(data)
+        text = data.pop("backoff")
+        if "backoff_min" in data or "backoff_max" in data:
+            raise _Invalid("backoff", "give either backoff or backoff_min/backoff_max, not both")
+        try:
+            data["backoff_min"], data["backoff_max"] = units.parse_backoff(text)
+        except ValueError as exc:
+            raise _Invalid("backoff", str(exc)) from None
+        return data
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetrySettings:
+        if self.backoff_min > self.backoff_max:
+            raise _Invalid("backoff", "the backoff minimum exceeds the maximum")
+        return self
+
+
+class ApiSettings(BaseModel):
+    """One third-party API: where and how to call it, and the limits it imposes."""
+
+    model_config = _MODEL
+    name: Name
+    url: Annotated[str, AfterValidator(_url_template)]
+    method: Literal["GET", "POST"] = "GET"
+    headers: dict[Text, str] = Field(default_factory=dict)
+    timeout: PositiveDuration = 2.0
+    rate: Rate
+    burst: Positive
+    quotas: Annotated[tuple[Quota, ...], BeforeValidator(_as_tuple)] = ()
+    concurrency: Positive = 32
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    cache_ttl: Duration = 0.0
+    replay_share: Share = 0.5
+    max_response_bytes: Size = 1_048_576
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_burst(cls, data: Any) -> Any:
+        """``burst`` defaults to one second's worth of ``rate``, at least 1."""
+        if not isinstance(data, dict) or data.get("burst") is not None:
+            return data
+        data = {key: value for key, value in data.items() if key != "burst"}
+        try:
+            rate = Rate.model_validate(data.get("rate"))
+        except (ValidationError, ValueError):
+            return {**data, "burst": 1}  # the rate field reports the problem
+        return {**data, "burst": max(1, math.ceil(round(rate.per_second, 9)))}
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _header_text(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        plain = (int, float)
+        return {
+            k: str(v) if isinstance(v, plain) and not isinstance(v, bool) else v
+            for k, v in value.items()
+        }
+
+    @field_validator("headers")
+    @classmethod
+    def _no_line_breaks(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if any(c in key + text for c in "\r\n\0") or ":" in key:
+                raise _Invalid(key, "no line breaks in headers, and no ':' in header names")
+        return value
+
+    @field_validator("quotas")
+    @classmethod
+    def _one_per_period(cls, value: tuple[Quota, ...]) -> tuple[Quota, ...]:
+        periods = [quota.period for quota in value]
+        for index, period in enumerate(periods):
+            if period in periods[:index]:
+                raise _Invalid(f"[{index}]", f"a second quota per {period}")
+        return value
+
+    @property
+    def placeholders(self) -> frozenset[str]:
+        """The ``{name}`` placeholders of the URL template."""
+        return UrlTemplate(self.url).placeholders
+
+
+class Rule(BaseModel):
+    """One ``enrichments`` entry: which events, which API, which params, where the answer goes."""
+
+    model_config = _MODEL
+    when: dict[Text, tuple[Any, ...]] = Field(default_factory=dict)
+    api: Text
+    params: dict[Text, DottedPath] = Field(default_factory=dict)
+    into: Text
+    select: DottedPath | None = None
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _any_of(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for key, allowed in value.items():
+            if isinstance(allowed, list) and not allowed:
+                raise _Invalid(str(key), "an empty list matches no event")
+        return {key: _as_tuple(allowed) for key, allowed in value.items()}
+
+
+class Config(BaseModel):
+    """The whole config file."""
+
+    model_config = _MODEL
+    app_id: Name = "enricher"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    apis: dict[str, ApiSettings] = Field(default_factory=dict)
+    enrichments: tuple[Rule, ...] = ()
+    unmatched: Literal["passthrough", "drop", "dead_letter"] = "passthrough"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """A section left empty in YAML (``apis:``, every entry commented out) is its default."""
+        sections = ("kafka", "redis", "topics", "worker", "apis", "enrichments")
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (k in sections and v is None)}
+        return data
+
+    @field_validator("apis", mode="before")
+    @classmethod
+    def _names_from_keys(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        named = {}
+        for key, api in value.items():
+            if not isinstance(key, str) or not _NAME_RE.fullmatch(key):
+                raise _Invalid(
+                    str(key), "API names may only contain letters, digits, '.', '_', '-'"
+                )
+            if isinstance(api, dict) and api.get("name", key) != key:
+                raise _Invalid(f"{key}.name", f"differs from the API's key {key!r}; leave it out")
+            named[key] = {**api, "name": key} if isinstance(api, dict) else api
+        return named
+
+    @model_validator(mode="after")
+    def _rules_match_apis(self) -> Config:
+        seen_into: dict[str, int] = {}
+        for index, rule in enumerate(self.enrichments):
+            at = f"enrichments[{index}]"
+            api = self.apis.get(rule.api)
+            if api is None:
+                known = ", ".join(sorted(self.apis)) or "none"
+                raise _Invalid(f"{at}.api", f"unknown API {rule.api!r} (defined: {known})")
+            missing = sorted(api.placeholders - rule.params.keys())
+            if missing:
+                raise _Invalid(
+                    f"{at}.params", f"no param for {', '.join(missing)} of API {api.name!r}"
+                )
+            extra = sorted(rule.params.keys() - api.placeholders)
+            if extra and api.method == "GET":
+                raise _Invalid(
+                    f"{at}.params", f"{', '.join(extra)}: not a placeholder of {api.url}"
+                )
+            if rule.into in seen_into:
+                raise _Invalid(
+                    f"{at}.into", f"{rule.into!r} is used by enrichments[{seen_into[rule.into]}]"
+                )
+            seen_into[rule.into] = index
+        return self
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+_BOUNDS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "string_too_short": "must not be empty",
+    "too_short": "must not be empty",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "string_type": "expected a string",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "tuple_type": "expected a list",
+    "list_type": "expected a list",
+}
+
+
+def _key_path(loc: tuple[int | str, ...], below: str = "") -> str:
+    path = ""
+    for part in (*loc, *below.split(".")):
+        if part in ("", "[key]"):
+            continue
+        if isinstance(part, int) or part.startswith("["):
+            path += f"[{part}]" if isinstance(part, int) else part
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def _short(value: object) -> str:
+    """A bad scalar as written; only the type of a mapping or list (it may hold secrets)."""
+    if not isinstance(value, str | int | float | bool | None):
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _message(error: ErrorDetails, secret: bool) -> str:
+    kind, ctx = error["type"], error.get("ctx", {})
+    got = "" if secret else f", got {_short(error['input'])}"
+    if kind == "value_error":
+        return str(ctx["error"])
+    if kind in ("extra_forbidden", "missing"):
+        return _MESSAGES[kind]
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}{got}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"must be {_BOUNDS[kind]} {bound}{got}"
+    text = _MESSAGES.get(kind) or error["msg"][:1].lower() + error["msg"][1:]
+    return text + got
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """The first failure of ``exc`` as a ConfigError; never shows headers or Redis settings."""
+    errors = exc.errors()
+    first = errors[0]
+    cause = first.get("ctx", {}).get("error")
+    key = _key_path(first["loc"], cause.key if isinstance(cause, _Invalid) else "")
+    secret = "headers" in first["loc"] or first["loc"][:1] == ("redis",)
+    more = len(errors) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return ConfigError(key, _message(first, secret) + suffix)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+_VAR_RE = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, env: Mapping[str, str], *, source: str = "<string>") -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` (default when unset or empty) from ``env``.
+
+    Full-line comments are left as they are; ``$${VAR}`` stands for a literal ``${VAR}``.
+    """
+    lines = text.splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        if not line.lstrip().startswith("#"):
+            lines[number - 1] = _VAR_RE.sub(
+                partial(_variable, env=env, at=f"{source}, line {number}"), line
+            )
+    return "".join(lines)
+
+
+def _variable(match: re.Match[str], *, env: Mapping[str, str], at: str) -> str:
+    escaped, name, default = match.groups()
+    if escaped:
+        return match[0][1:]
+    value = env.get(name)
+    if default is not None and not value:
+        return default
+    if value is None:
+        raise ConfigError(
+            "",
+            f"{at}: environment variable {name} is not set "
+            f"(write ${{{name}:-default}} to give a default)",
+        )
+    return value
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader, rejecting a key repeated in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Hashable] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("", f"{source}{where}: invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{source}: invalid YAML: {exc}") from None
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Validate already-parsed data (no env expansion); ConfigError on any problem."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+
+
+def parse_config(
+    text: str, *, env: Mapping[str, str] | None = None, source: str = "<string>"
+) -> Config:
+    """Expand environment variables in ``text``, parse it as YAML and validate it."""
+    expanded = expand_env(text, os.environ if env is None else env, source=source)
+    data = _load_yaml(expanded, source)
+    return config_from_dict({} if data is None else data)
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file at ``path``."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {source}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read config file {source}: {exc}") from None
+    return parse_config(text, env=env, source=source)
+
+
+def load_config_or_default_path(
+    path: str | None, *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Load ``--config PATH``; without one, ``$ENRICHER_CONFIG``, else ``./enricher.yaml``."""
+    environ = os.environ if env is None else env
+    return load_config(path or environ.get("ENRICHER_CONFIG") or "./enricher.yaml", env=environ)
+
+
+# --- the effective config --------------------------------------------------------------------
+
+_MASK = "***"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (``user:PASSWORD@`` or ``?password=``) replaced by ``***``."""
+    head, question, rest = url.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    userinfo, at, host = urlsplit(url).netloc.rpartition("@")
+    if at and ":" in userinfo:
+        masked_netloc = f"{userinfo.partition(':')[0]}:{_MASK}@{host}"
+        head = head.replace(f"{userinfo}@{host}", masked_netloc, 1)
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key.lower() == "password" for key, _ in pairs):
+        masked = [(k, _MASK if k.lower() == "password" else v) for k, v in pairs]
+        query = urlencode(masked, safe="*")
+    return f"{head}{question}{query}{hash_}{fragment}"
+
+
+def render_effective(config: Config) -> str:
+    """The config after defaults as YAML, itself a valid config file; secrets shown as ``***``."""
+    data = _effective(config)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None)
+
+
+def _effective(config: Config) -> dict[str, Any]:
+    kafka, worker = config.kafka, config.worker
+    return {
+        "app_id": config.app_id,
+        "kafka": {
+            "broker": kafka.broker[0] if len(kafka.broker) == 1 else list(kafka.broker),
+            "partitions": kafka.partitions,
+            "rebalance_timeout": units.format_duration(kafka.rebalance_timeout),
+            "session_timeout": units.format_duration(kafka.session_timeout),
+            "auto_offset_reset": kafka.auto_offset_reset,
+        },
+        "redis": {**config.redis.model_dump(), "url": mask_url(config.redis.url)},
+        "topics": config.topics.model_dump(),
+        "worker": {
+            **worker.model_dump(),
+            "max_event_bytes": units.format_size(worker.max_event_bytes),
+        },
+        "apis": {name: _effective_api(api) for name, api in config.apis.items()},
+        "enrichments": [_effective_rule(rule) for rule in config.enrichments],
+        "unmatched": config.unmatched,
+    }
+
+
+def _effective_api(api: ApiSettings) -> dict[str, Any]:
+    retry = api.retry
+    return {
+        "url": api.url,
+        "method": api.method,
+        "headers": dict.fromkeys(api.headers, _MASK),
+        "timeout": units.format_duration(api.timeout),
+        "rate": str(api.rate),
+        "burst": api.burst,
+        "quotas": [str(quota) for quota in api.quotas],
+        "concurrency": api.concurrency,
+        "retry": {
+            "attempts": retry.attempts,
+            "backoff": units.format_backoff(retry.backoff_min, retry.backoff_max),
+            "on_status": list(retry.on_status),
+            "max_retry_after": units.format_duration(retry.max_retry_after),
+        },
+        "cache_ttl": units.format_duration(api.cache_ttl),
+        "replay_share": api.replay_share,
+        "max_response_bytes": units.format_size(api.max_response_bytes),
+    }
+
+
+def _effective_rule(rule: Rule) -> dict[str, Any]:
+    when = {
+        key: allowed[0] if len(allowed) == 1 and not isinstance(allowed[0], list) else list(allowed)
+        for key, allowed in rule.when.items()
+    }
+    return {
+        "when": when,
+        "api": rule.api,
+        "params": dict(rule.params),
+        "into": rule.into,
+        "select": rule.select,
+    }
