@@ -1,0 +1,273 @@
+"""Calls to third-party APIs: aiohttp with per-API concurrency, the shared limiter and retries.
+
+Each attempt takes, in this order, a slot of the API's per-worker semaphore, a limiter token (so
+retries count against the rate and quotas too), then makes one request. Everything aiohttp raises
+is translated here into a CallError whose message holds no URL, query, header or library text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import aiohttp
+from yarl import URL
+
+from .errors import CallError, ErrorKind, InvalidEvent
+from .retry import RetryConfig, RetryPolicy, Sleep, parse_retry_after
+from .urls import UrlTemplate, param_to_str
+
+__all__ = ["ApiCaller", "ApiConfig", "CallLimiter", "decode_json"]
+
+
+MAX_JSON_DEPTH = 64
+_CHUNK = 64 * 1024
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+class CallLimiter(Protocol):
+    """The part of ``limiter.Limiter`` the caller uses."""
+
+    async def acquire(self, api: str) -> None: ...
+    async def block(self, api: str, seconds: float) -> None: ...
+
+
+class ApiConfig(Protocol):
+    """The fields of ``config.ApiSettings`` the caller reads."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def retry(self) -> RetryConfig: ...
+    @property
+    def max_response_bytes(self) -> int: ...
+
+
+class _Endpoint:
+    """Everything about one API that is worked out once, not per call."""
+
+    __slots__ = (
+        "headers",
+        "method",
+        "name",
+        "on_status",
+        "policy",
+        "semaphore",
+        "settings",
+        "template",
+        "timeout",
+    )
+
+    def __init__(self, settings: ApiConfig) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.method = settings.method
+        self.headers = dict(settings.headers)
+        self.template = UrlTemplate(settings.url)
+        self.timeout = aiohttp.ClientTimeout(total=settings.timeout)
+        self.semaphore = asyncio.Semaphore(settings.concurrency)
+        self.policy = RetryPolicy(settings.retry, api=settings.name)
+        self.on_status: Collection[int] = frozenset(settings.retry.on_status)
+
+    def error(self, kind: ErrorKind, message: str, **extra: Any) -> CallError:
+        return CallError(kind, message, api=self.name, **extra)
+
+
+class ApiCaller:
+    """Calls the configured APIs over one shared aiohttp session (one per worker)."""
+
+    def __init__(
+        self,
+        *,
+        apis: Mapping[str, ApiConfig],
+        limiter: CallLimiter,
+        session: aiohttp.ClientSession,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._endpoints = {name: _Endpoint(settings) for name, settings in apis.items()}
+        self._limiter = limiter
+        self._session = session
+        self._sleep = sleep
+
+    async def call(self, api: str, params: Mapping[str, Any]) -> Any:
+        """Returns the decoded JSON body.
+
+        Raises CallError (kind, status, attempts filled) when attempts are exhausted or the error is
+        not retriable, and InvalidEvent when a param cannot go into the URL (null, empty path value,
+        a ``..`` segment). GET sends the params in the URL only; POST also sends all of them as a
+        JSON object body. ShuttingDown from the limiter propagates unchanged.
+        """
+        endpoint = self._endpoints[api]
+        url = self._url(endpoint, params)
+        body = dict(params) if endpoint.method == "POST" else None
+        attempts = 0
+        try:
+            async for attempt in endpoint.policy.retrying(self._sleep):
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    return await self._attempt(endpoint, url, body)
+        except CallError as exc:
+            exc.attempts = attempts
+            raise
+        raise AssertionError("unreachable: tenacity ends with a result or an error")
+
+    @staticmethod
+    def _url(endpoint: _Endpoint, params: Mapping[str, Any]) -> URL:
+        values: dict[str, str] = {}
+        for name in endpoint.template.placeholders:
+            if name not in params:
+                raise InvalidEvent(f"no value for URL placeholder {name}", api=endpoint.name)
+            try:
+                values[name] = param_to_str(params[name])
+            except ValueError as exc:  # our own message: it names the type, not the value
+                raise InvalidEvent(f"URL placeholder {name}: {exc}", api=endpoint.name) from None
+        try:
+            rendered = endpoint.template.render(values)
+        except UnicodeError:
+            raise InvalidEvent("a URL param is not valid Unicode", api=endpoint.name) from None
+        except ValueError as exc:  # our own messages: they name the placeholder, not the value
+            raise InvalidEvent(f"bad URL param: {exc}", api=endpoint.name) from None
+        # encoded=True: send exactly these bytes; no re-quoting, no '..' normalisation.
+        return URL(rendered, encoded=True)
+
+    async def _attempt(self, endpoint: _Endpoint, url: URL, body: Any) -> Any:
+        async with endpoint.semaphore:
+            await self._limiter.acquire(endpoint.name)
+            result, retry_after = await self._request(endpoint, url, body)
+        if retry_after is not None and retry_after > 0:
+            # The server's signal wins: pause this API for every worker, then wait it out too.
+            await self._limiter.block(endpoint.name, retry_after)
+        if isinstance(result, CallError):
+            raise result
+        return result
+
+    async def _request(self, endpoint: _Endpoint, url: URL, body: Any) -> tuple[Any, float | None]:
+        """One HTTP exchange: (decoded body or a CallError to raise, the server's Retry-After)."""
+        try:
+            async with self._session.request(
+                endpoint.method,
+                url,
+                json=body,
+                headers=endpoint.headers,
+                timeout=endpoint.timeout,
+                allow_redirects=False,
+                raise_for_status=False,
+            ) as response:
+                if 200 <= response.status < 300:
+                    return await _read_json(endpoint, response), None
+                return _status_error(endpoint, response)
+        except TimeoutError:  # asyncio.TimeoutError and aiohttp's ServerTimeoutError
+            message = f"timed out after {endpoint.settings.timeout}s"
+            raise endpoint.error("timeout", message, retriable=True) from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            message = f"connection failed: {_cause_name(exc)}"
+            raise endpoint.error("connection", message, retriable=True) from None
+        except aiohttp.ClientError as exc:
+            message = f"invalid HTTP response: {type(exc).__name__}"
+            raise endpoint.error("bad_response", message) from None
+
+
+class _BadBody(ValueError):
+    """A 2xx answer whose body we refuse. Its message is ours alone: safe to show."""
+
+
+def _status_error(
+    endpoint: _Endpoint, response: aiohttp.ClientResponse
+) -> tuple[CallError, float | None]:
+    status = response.status
+    retry_after = None
+    if status in _RETRY_AFTER_STATUSES:
+        retry_after = parse_retry_after(
+            response.headers.get("Retry-After"),
+            now=datetime.now(UTC),
+            cap=endpoint.settings.retry.max_retry_after,
+        )
+    error = endpoint.error(
+        "http_status",
+        f"HTTP {status} from api '{endpoint.name}'",
+        status=status,
+        retriable=status in endpoint.on_status,
+        retry_after=retry_after,
+    )
+    return error, retry_after
+
+
+async def _read_json(endpoint: _Endpoint, response: aiohttp.ClientResponse) -> Any:
+    try:
+        return decode_json(await _read_capped(endpoint, response))
+    except _BadBody as exc:
+        raise endpoint.error("bad_response", str(exc), status=response.status) from None
+
+
+async def _read_capped(endpoint: _Endpoint, response: aiohttp.ClientResponse) -> bytes:
+    """The body, refusing non-JSON types and bodies over ``max_response_bytes``."""
+    content_type = response.content_type
+    if not (content_type.endswith("/json") or content_type.endswith("+json")):
+        raise _BadBody(f"response is {content_type}, not JSON")
+    limit = endpoint.settings.max_response_bytes
+    too_big = _BadBody(f"response body over {limit} bytes")
+    if response.content_length is not None and response.content_length > limit:
+        response.close()
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            response.close()  # drop the connection rather than read the rest
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json(raw: bytes) -> Any:
+    """Decode a JSON body; ValueError for invalid JSON, NaN/Infinity or nesting over 64 levels."""
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _BadBody(f"response JSON nested over {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise _BadBody(f"response is not valid JSON ({type(exc).__name__})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise _BadBody(f"response JSON nested over {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in item if isinstance(child, dict | list))
+    return deepest
+
+
+def _cause_name(exc: BaseException) -> str:
+    """The class of the underlying OS error when aiohttp wraps one (ConnectionRefusedError)."""
+    os_error = getattr(exc, "os_error", None)
+    return type(os_error if isinstance(os_error, BaseException) else exc).__name__
