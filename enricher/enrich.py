@@ -1,0 +1,132 @@
+"""The enrichment use case: one input record in, one outcome out (no Kafka, no Faust here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .config import Config
+from .errors import CallError, EventError, InvalidEvent
+from .rules import MISSING, CompiledRule
+
+__all__ = ["ApiClient", "DeadLetter", "Dropped", "Enriched", "Enricher", "Outcome", "decode_event"]
+
+
+class ApiClient(Protocol):
+    """What the enricher needs from the HTTP caller."""
+
+    async def call(self, api: str, params: Mapping[str, Any]) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Enriched:
+    """The input object with its ``enrichment`` key: goes to the output topic."""
+
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event that could not be enriched: goes to the dead-letter topic with the reason."""
+
+    event: dict[str, Any] | str
+    error: EventError
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """An event no rule matched, with ``unmatched: drop``."""
+
+
+Outcome = Enriched | DeadLetter | Dropped
+
+
+def decode_event(raw: bytes | None, *, max_bytes: int) -> dict[str, Any]:
+    """Parse one input record value into a JSON object, or raise InvalidEvent saying why."""
+    if raw is None:
+        raise InvalidEvent("record has no value (tombstone)")
+    if len(raw) > max_bytes:
+        raise InvalidEvent(f"record is {len(raw)} bytes, over the {max_bytes}-byte limit")
+    try:
+        value = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"record is not valid UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidEvent(f"record is not valid JSON: {exc.msg} at char {exc.pos}") from None
+    except RecursionError:
+        raise InvalidEvent("record JSON is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise InvalidEvent(f"record is JSON {type(value).__name__}, not an object")
+    return value
+
+
+def raw_text(raw: bytes | None, *, max_chars: int) -> str:
+    """The raw record as text for a dead letter (bad bytes replaced, cut at ``max_chars``)."""
+    if raw is None:
+        return ""
+    return raw[:max_chars].decode("utf-8", errors="replace")
+
+
+class Enricher:
+    """Applies the config's rules to events, calling APIs through an :class:`ApiClient`."""
+
+    def __init__(self, config: Config, client: ApiClient) -> None:
+        self._client = client
+        self._rules = tuple(CompiledRule(rule) for rule in config.enrichments)
+        self._unmatched = config.unmatched
+        self._max_event_bytes = config.worker.max_event_bytes
+
+    async def enrich(self, raw: bytes | None) -> Outcome:
+        """Decode, match and enrich one record value. Never raises an EventError: it becomes a
+        DeadLetter. (ShuttingDown and cancellation do propagate: the event stays unfinished.)"""
+        try:
+            event = decode_event(raw, max_bytes=self._max_event_bytes)
+        except InvalidEvent as exc:
+            return DeadLetter(raw_text(raw, max_chars=self._max_event_bytes), exc)
+        rules = [rule for rule in self._rules if rule.matches(event)]
+        if not rules:
+            return self._unmatched_outcome(event)
+        try:
+            results = await self._call_all(event, rules)
+        except EventError as exc:
+            return DeadLetter(event, exc)
+        event["enrichment"] = results
+        return Enriched(event)
+
+    def _unmatched_outcome(self, event: dict[str, Any]) -> Outcome:
+        if self._unmatched == "drop":
+            return Dropped()
+        if self._unmatched == "dead_letter":
+            return DeadLetter(event, InvalidEvent("no enrichment rule matches this event"))
+        event["enrichment"] = {}
+        return Enriched(event)
+
+    async def _call_all(
+        self, event: Mapping[str, Any], rules: Iterable[CompiledRule]
+    ) -> dict[str, Any]:
+        """Call every matched rule's API at once; the first failure fails the event."""
+        requests = [(rule, rule.request_params(event)) for rule in rules]
+        if len(requests) == 1:
+            rule, params = requests[0]
+            return {rule.into: self._pick(rule, await self._client.call(rule.api, params))}
+        tasks = [asyncio.ensure_future(self._client.call(rule.api, p)) for rule, p in requests]
+        try:
+            bodies = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one failure fails the event: stop spending on the others
+                task.cancel()
+            raise
+        pairs = zip(requests, bodies, strict=True)
+        return {rule.into: self._pick(rule, body) for (rule, _), body in pairs}
+
+    @staticmethod
+    def _pick(rule: CompiledRule, body: Any) -> Any:
+        picked = rule.pick(body)
+        if picked is MISSING:
+            raise CallError(
+                "bad_response", f"response has no '{rule.select}'", api=rule.api, attempts=1
+            )
+        return picked

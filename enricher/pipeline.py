@@ -1,0 +1,204 @@
+"""Bounded fan-out of events: many in flight, per-key order kept, acks released in offset order.
+
+The Faust agent hands every consumed record to :meth:`Pipeline.submit` (agent concurrency stays
+1). ``submit`` waits while ``in_flight`` events are already being enriched, which is what bounds
+read-ahead. Each event runs as its own task: wait for the previous event of its key, enrich,
+write the output or dead letter and wait for the broker's acknowledgement, then mark the offset
+finished. Tokens (Faust events) are released to the acker strictly in offset order per partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from .config import TopicSettings
+from .enrich import DeadLetter, Enricher
+from .errors import CallError, ShuttingDown
+from .ordering import KeySequencer, OffsetTracker
+from .records import InputRecord, OutputRecord, dead_letter_record, output_for
+
+__all__ = ["OutputTooLarge", "Pipeline", "PipelineStats", "Sink", "SinkUnavailable"]
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class OutputTooLarge(Exception):
+    """The broker refused a record as too large: the event becomes a dead letter instead."""
+
+
+class SinkUnavailable(Exception):
+    """The broker did not acknowledge a record; writing it again may succeed."""
+
+
+class Sink(Protocol):
+    """Where output and dead-letter records go; ``write`` returns once the broker has them."""
+
+    async def write(self, record: OutputRecord) -> None: ...
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    """Counters since start (for status, metrics and tests)."""
+
+    submitted: int = 0
+    outputs: int = 0
+    dead_letters: int = 0
+    dropped: int = 0
+    abandoned: int = 0
+    dead_letters_by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline(Generic[T]):
+    """Enriches submitted records concurrently and releases their tokens in offset order."""
+
+    def __init__(
+        self,
+        *,
+        enricher: Enricher,
+        sink: Sink,
+        topics: TopicSettings,
+        in_flight: int,
+        release: Callable[[T], Awaitable[None]],
+        write_retry_delay: float = 1.0,
+    ) -> None:
+        self._enricher = enricher
+        self._sink = sink
+        self._topics = topics
+        self._release = release
+        self._write_retry_delay = write_retry_delay
+        self._slots = asyncio.Semaphore(in_flight)
+        self._tracker: OffsetTracker[T] = OffsetTracker()
+        self._keys = KeySequencer()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._to_release: deque[T] = deque()
+        self._releasing = False
+        self._closing = False
+        self.stats = PipelineStats()
+
+    @property
+    def tracker(self) -> OffsetTracker[T]:
+        """In-flight offsets per partition (read-only use: status and health)."""
+        return self._tracker
+
+    async def submit(self, record: InputRecord, token: T) -> None:
+        """Start enriching ``record``; waits while ``in_flight`` events are already running.
+
+        Call in consumption order (one caller): offsets and key order are registered here.
+        Raises ShuttingDown once :meth:`close` has begun; the record then stays unacked.
+        """
+        await self._slots.acquire()
+        if self._closing:
+            self._slots.release()
+            raise ShuttingDown("pipeline is closing")
+        tp = (record.topic, record.partition)
+        epoch = self._tracker.start(tp, record.offset, token)
+        previous, turn = self._keys.enter(record.key)
+        self.stats.submitted += 1
+        task = asyncio.create_task(self._run(record, tp, epoch, previous, turn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def revoke(self, tps: Iterable[Hashable]) -> None:
+        """Partitions were taken away: their in-flight events will not be acked by us."""
+        self._tracker.forget(tps)
+
+    async def close(self, grace: float) -> None:
+        """Stop taking events; give running ones ``grace`` seconds to finish, abandon the rest.
+
+        Abandoned events are never acked, so they are processed again after a restart.
+        """
+        self._closing = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(
+        self,
+        record: InputRecord,
+        tp: Hashable,
+        epoch: int,
+        previous: asyncio.Future[bool] | None,
+        turn: asyncio.Future[bool],
+    ) -> None:
+        completed = False
+        try:
+            if previous is None or await asyncio.shield(previous):
+                outcome = await self._enricher.enrich(record.value)
+                kind = outcome.error.kind if isinstance(outcome, DeadLetter) else None
+                await self._write(output_for(record, outcome, self._topics), record, kind)
+                completed = True
+        except (ShuttingDown, asyncio.CancelledError):
+            pass  # left unacked: it will be consumed again
+        except Exception:  # a bug; never let it kill the agent or lose the event silently
+            log.exception("unexpected error enriching %s; left unacked", record.source)
+        finally:
+            self._keys.leave(record.key, turn, completed=completed)
+            self._slots.release()
+            if not completed:
+                self.stats.abandoned += 1
+        if completed:
+            await self._release_in_order(self._tracker.finish(tp, record.offset, epoch))
+
+    async def _write(self, out: OutputRecord | None, record: InputRecord, kind: str | None) -> None:
+        """Write until the broker acknowledges; an oversized output becomes a dead letter."""
+        if out is None:
+            self.stats.dropped += 1
+            return
+        try:
+            await self._write_until_acked(out)
+        except OutputTooLarge:
+            error = CallError("bad_response", f"output record of {len(out.value)} bytes too large")
+            out = dead_letter_record(record, input_event(record), error, self._topics)
+            await self._write_until_acked(out)
+            kind = error.kind
+        self._count(kind)
+
+    async def _write_until_acked(self, out: OutputRecord) -> None:
+        while True:
+            try:
+                await self._sink.write(out)
+                return
+            except SinkUnavailable as exc:
+                log.warning("write to %s failed (%s); retrying", out.topic, exc)
+                await asyncio.sleep(self._write_retry_delay)
+
+    def _count(self, dead_letter_kind: str | None) -> None:
+        if dead_letter_kind is None:
+            self.stats.outputs += 1
+            return
+        kind = dead_letter_kind
+        self.stats.dead_letters += 1
+        self.stats.dead_letters_by_kind[kind] = self.stats.dead_letters_by_kind.get(kind, 0) + 1
+
+    async def _release_in_order(self, tokens: list[T]) -> None:
+        # finish() hands out disjoint prefixes in offset order; one drainer keeps them in order
+        # even if an acker were to suspend.
+        self._to_release.extend(tokens)
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self._to_release:
+                await self._release(self._to_release.popleft())
+        finally:
+            self._releasing = False
+
+
+def input_event(record: InputRecord) -> dict[str, Any] | str:
+    """The input as the dead-letter ``event`` field: the object, or the raw text."""
+    text = (record.value or b"").decode("utf-8", errors="replace")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
