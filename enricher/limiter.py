@@ -1,0 +1,251 @@
+"""The distributed rate limiter: one atomic Redis script per decision, shared by all workers.
+
+Every decision runs ``lua/acquire.lua`` (GCRA reservation + UTC calendar quotas + run-time
+overrides + Retry-After blocks, with Redis ``TIME``); a granted caller sleeps its reserved wait and
+then calls, so callers are paced by reservation instead of polling. Keys and TTLs: see
+:mod:`enricher.quota`.
+
+When Redis cannot be reached (connection refused, timeout, OSError):
+
+- ``pause``: no call is made. Waiters hold and probe Redis on one shared schedule backing off
+  exponentially (50 ms to 2 s); one warning per outage. Calls resume by themselves.
+- ``local``: each worker falls back to :class:`~enricher.local_limiter.LocalFallback` (``rate x
+  local_share``) and probes Redis at the same backoff. When Redis is back, the calls made locally
+  are added to the shared quota counters (``INCRBY``, best effort) and local blocks are pushed.
+
+A Retry-After (``block``) is also kept in-process, so this worker obeys it even if Redis is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from .errors import ServiceUnavailable
+from .local_limiter import Clock, Decision, LimiterBase, LocalFallback, MemoryLimiter, Sleep
+from .quota import (
+    PERIODS,
+    REDIS_ERRORS,
+    ApiLimits,
+    ApiUsage,
+    Keys,
+    Limits,
+    load_script,
+    period_bounds,
+    read_usage,
+    reset_overrides,
+    set_overrides,
+    text,
+)
+
+__all__ = ["Limiter", "MemoryLimiter", "RedisLimiter", "acquire_args", "parse_reply"]
+
+log = logging.getLogger("enricher.limiter")
+
+PROBE_MIN, PROBE_MAX = 0.05, 2.0  # seconds between Redis probes during an outage
+
+
+class Limiter(Protocol):
+    """What the caller and the worker need from a limiter."""
+
+    async def acquire(self, api: str) -> None:
+        """Wait until one call to ``api`` may be made now; takes one token of the API's bucket
+        and one unit of each of its quotas. Holds (sleeps, without busy-looping) while a quota is
+        spent or the API is blocked. Raises ShuttingDown if close() is called while waiting."""
+
+    async def block(self, api: str, seconds: float) -> None:
+        """Pause calls to ``api`` from every worker for ``seconds`` (server's Retry-After)."""
+
+    async def close(self) -> None:
+        """Make pending and later ``acquire`` calls raise ShuttingDown."""
+
+
+def acquire_args(limits: Limits, max_wait: float, now_us: int | None = None) -> list[str]:
+    """ARGV of ``acquire.lua``; ``now_us`` fakes Redis time (tests only)."""
+    numbers = [limits.rate, limits.burst, round(max_wait * 1e6), *limits.quota_args()]
+    return [*(repr(n) for n in numbers), "" if now_us is None else str(now_us)]
+
+
+def parse_reply(reply: list[Any]) -> Decision:
+    """The ``acquire.lua`` reply as a Decision (times in seconds)."""
+    granted, wait_us, reason, *remaining, rate = reply
+    return Decision(
+        granted=int(granted) == 1,
+        wait=int(wait_us) / 1e6,
+        reason=text(reason),
+        remaining={p: int(n) for p, n in zip(PERIODS, remaining, strict=True) if int(n) >= 0},
+        rate=float(text(rate)),
+    )
+
+
+class _Health:
+    """Redis reachability: one shared probe schedule and one log line per outage."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.down_since: float | None = None
+        self.failures = 0
+        self.next_probe = 0.0
+
+    def may_probe(self, now: float) -> bool:
+        return self.down_since is None or now >= self.next_probe
+
+    def failed(self, now: float, exc: BaseException) -> None:
+        if self.down_since is not None and now < self.next_probe:
+            return  # another waiter's probe of this round already failed
+        self.failures += 1
+        self.next_probe = now + min(PROBE_MAX, PROBE_MIN * 2 ** (self.failures - 1))
+        if self.down_since is None:
+            self.down_since = now
+            action = "calls paused" if self.mode == "pause" else "using local limits"
+            log.warning("Redis unreachable (%s: %s); %s", type(exc).__name__, exc, action)
+
+    def recovered(self, now: float) -> bool:
+        if self.down_since is None:
+            return False
+        log.warning("Redis reachable again after %.1fs", now - self.down_since)
+        self.down_since, self.failures, self.next_probe = None, 0, 0.0
+        return True
+
+
+class RedisLimiter(LimiterBase):
+    """Limits shared through Redis by every worker of one ``app_id``.
+
+    ``redis`` is owned by the caller (not closed here); it should have socket timeouts.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        app_id: str,
+        apis: Mapping[str, ApiLimits],
+        on_unavailable: str = "pause",
+        local_share: float = 0.25,
+        max_wait: float = 1.0,
+        retry_cap: float = 1.0,
+        redis_timeout: float = 2.0,
+        clock: Clock = time.time,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if on_unavailable not in ("pause", "local"):
+            raise ValueError(f"on_unavailable must be 'pause' or 'local', got {on_unavailable!r}")
+        if not 0 < local_share <= 1:
+            raise ValueError(f"local_share must be in (0, 1], got {local_share}")
+        super().__init__(max_wait=max_wait, retry_cap=retry_cap, sleep=sleep)
+        self._redis = redis
+        self._app_id = app_id
+        self._apis = dict(apis)
+        self._keys = {name: Keys.of(app_id, name) for name in self._apis}
+        self._limits = {name: Limits.of(api) for name, api in self._apis.items()}
+        self._timeout = redis_timeout
+        self._clock = clock
+        self._acquire_script = redis.register_script(load_script("acquire.lua"))
+        self._block_script = redis.register_script(load_script("block.lua"))
+        self._health = _Health(on_unavailable)
+        self._local = (
+            LocalFallback(self._apis, local_share, clock) if on_unavailable == "local" else None
+        )
+        self._local_blocked: dict[str, float] = {}
+
+    def _check(self, api: str) -> None:
+        if api not in self._apis:
+            raise ValueError(f"unknown API {api!r}")
+
+    async def _decide(self, api: str) -> Decision:
+        now = self._clock()
+        if (until := self._local_blocked.get(api, 0.0)) > now:
+            return Decision(False, until - now, "blocked")
+        if not self._health.may_probe(now):
+            return await self._fallback(api, now)
+        keys = self._keys[api]
+        try:
+            reply = await asyncio.wait_for(
+                self._acquire_script(
+                    keys=[keys.tat, keys.blocked, keys.overrides, keys.quota_prefix],
+                    args=acquire_args(self._limits[api], self._max_wait),
+                ),
+                self._timeout,
+            )
+        except REDIS_ERRORS as exc:
+            self._health.failed(self._clock(), exc)
+            return await self._fallback(api, now)
+        except redis.exceptions.RedisError as exc:
+            raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
+        if self._health.recovered(self._clock()):
+            await self._resync()
+        decision = parse_reply(reply)
+        if self._local is not None:
+            self._local.observe(api, decision, now)
+        return decision
+
+    async def _fallback(self, api: str, now: float) -> Decision:
+        if self._local is not None:
+            return await self._local.decide(api)
+        return Decision(False, max(0.0, self._health.next_probe - now), "redis")
+
+    async def _resync(self) -> None:
+        """After an outage: add local calls to the shared quotas and push local blocks."""
+        now = self._clock()
+        try:
+            for (api, period, stamp), count in (
+                self._local.take_counts() if self._local else {}
+            ).items():
+                end = period_bounds(period, now)[1]
+                if count and period_bounds(period, now)[2] == stamp:
+                    key = self._keys[api].quota(period, stamp)
+                    pipe = self._redis.pipeline(transaction=True)
+                    pipe.incrby(key, count)
+                    pipe.pexpire(key, int((end - now + 60) * 1000))
+                    await asyncio.wait_for(pipe.execute(), self._timeout)
+            for api, until in list(self._local_blocked.items()):
+                if until > now:
+                    await self._store_block(api, until - now)
+        except (*REDIS_ERRORS, redis.exceptions.RedisError) as exc:
+            log.warning("could not resync local limiter state to Redis: %s", exc)
+
+    async def block(self, api: str, seconds: float) -> None:
+        """Block ``api`` for every worker (and locally, in case Redis is unreachable)."""
+        self._check(api)
+        if seconds <= 0 or self._closed:
+            return
+        until = self._clock() + seconds
+        self._local_blocked[api] = max(self._local_blocked.get(api, 0.0), until)
+        try:
+            await self._store_block(api, seconds)
+        except REDIS_ERRORS as exc:
+            self._health.failed(self._clock(), exc)
+        except redis.exceptions.RedisError as exc:  # never fail the caller's retry path
+            log.warning("could not store a block in Redis: %s: %s", type(exc).__name__, exc)
+
+    async def _store_block(self, api: str, seconds: float) -> None:
+        script = self._block_script(keys=[self._keys[api].blocked], args=[repr(seconds)])
+        await asyncio.wait_for(script, self._timeout)
+
+    async def usage(self, api: str) -> ApiUsage:
+        """Effective limits and current usage of ``api`` (raises ServiceUnavailable)."""
+        self._check(api)
+        return await read_usage(self._redis, self._app_id, self._apis[api])
+
+    async def set_overrides(
+        self,
+        api: str,
+        *,
+        rate: float | None = None,
+        burst: int | None = None,
+        quotas: Mapping[str, int | None] | None = None,
+    ) -> None:
+        """Override ``api``'s rate (calls/s), burst or quotas for every worker."""
+        self._check(api)
+        await set_overrides(self._redis, self._app_id, api, rate=rate, burst=burst, quotas=quotas)
+
+    async def reset_overrides(self, api: str, *, reset_usage: bool = False) -> None:
+        """Drop ``api``'s overrides (and with ``reset_usage`` its current quota counters)."""
+        self._check(api)
+        await reset_overrides(self._redis, self._app_id, api, reset_usage=reset_usage)

@@ -1,0 +1,135 @@
+-- acquire.lua: one atomic decision "may one call to this API start, and when?" (GCRA reservation
+-- plus UTC calendar quotas). Units: times are integer microseconds since the Unix epoch taken from
+-- Redis TIME (never the client's clock); rates are calls per second; max_wait is microseconds.
+--
+-- KEYS[1]  <prefix>tat        theoretical arrival time of the next call (GCRA), string of µs
+-- KEYS[2]  <prefix>blocked    the API's "blocked until" (server Retry-After, see block.lua), µs
+-- KEYS[3]  <prefix>overrides  hash of run-time overrides: rate (calls/s), burst, quota:<period>
+-- KEYS[4]  <prefix>quota:     prefix of the quota counters; the script appends "<period>:<stamp>"
+--          (e.g. "day:2025-01-31"), because the period depends on Redis time. <prefix> is
+--          "enricher:{<app_id>:<api>}:", so every key shares the {<app_id>:<api>} hash tag and
+--          Redis Cluster routes them all to one slot.
+-- ARGV[1]  rate (calls/s, > 0)   ARGV[2] burst (calls, >= 1)   ARGV[3] max_wait (µs)
+-- ARGV[4..7]  quota limits for minute, hour, day, month (-1 = no such quota)
+-- ARGV[8]  optional fake "now" in µs, for tests only; empty = Redis TIME
+--
+-- Returns {granted, wait_us, reason, rem_minute, rem_hour, rem_day, rem_month, rate}:
+--   granted 1: a slot is reserved, the caller sleeps wait_us and then calls (pacing by reservation);
+--   granted 0: nothing changed; reason is "blocked", "quota:<period>" or "rate" and wait_us is
+--              how long until asking again can succeed.
+--   rem_*: quota left in the current period after this decision (-1 = no such quota);
+--   rate: the effective rate (calls/s, as a string) so a worker can fall back to it locally.
+-- Every key written gets a TTL: a crash can never leave an immortal key.
+
+local PERIODS = {"minute", "hour", "day", "month"}
+local floor = math.floor
+
+-- Days since 1970-01-01 -> proleptic Gregorian y, m, d (H. Hinnant's civil_from_days).
+local function civil_from_days(z)
+  z = z + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local d = doy - floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m, d
+end
+
+-- y, m, d -> days since 1970-01-01 (H. Hinnant's days_from_civil).
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+-- The UTC calendar period holding `secs`: start and end (seconds) and the key stamp.
+local function period_of(name, secs)
+  local days = floor(secs / 86400)
+  local y, m, d = civil_from_days(days)
+  local sod = secs - days * 86400
+  local hh, mm = floor(sod / 3600), floor((sod % 3600) / 60)
+  if name == "minute" then
+    local start = secs - secs % 60
+    return start, start + 60, string.format("%04d-%02d-%02dT%02d:%02d", y, m, d, hh, mm)
+  elseif name == "hour" then
+    local start = secs - secs % 3600
+    return start, start + 3600, string.format("%04d-%02d-%02dT%02d", y, m, d, hh)
+  elseif name == "day" then
+    return days * 86400, days * 86400 + 86400, string.format("%04d-%02d-%02d", y, m, d)
+  end
+  local ny, nm = y, m + 1
+  if nm > 12 then ny, nm = y + 1, 1 end
+  return days_from_civil(y, m, 1) * 86400, days_from_civil(ny, nm, 1) * 86400,
+    string.format("%04d-%02d", y, m)
+end
+
+local now
+if ARGV[8] and ARGV[8] ~= "" then
+  now = tonumber(ARGV[8])
+else
+  local t = redis.call("TIME")
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Effective limits: run-time overrides (HSET by `enricher limits set`) win over the config.
+local ov = {}
+local flat = redis.call("HGETALL", KEYS[3])
+for i = 1, #flat, 2 do ov[flat[i]] = tonumber(flat[i + 1]) end
+local rate = ov["rate"] or tonumber(ARGV[1])
+local burst = ov["burst"] or tonumber(ARGV[2])
+if not (rate > 0) then rate = tonumber(ARGV[1]) end
+if not (burst >= 1) then burst = tonumber(ARGV[2]) end
+local max_wait = tonumber(ARGV[3])
+
+-- Quotas: limit, used and key of each period that has one.
+local secs = floor(now / 1000000)
+local quotas, remaining = {}, {}
+for i, name in ipairs(PERIODS) do
+  local limit = ov["quota:" .. name] or tonumber(ARGV[3 + i])
+  remaining[i] = -1
+  if limit >= 0 then
+    local start, stop, stamp = period_of(name, secs)
+    local key = KEYS[4] .. name .. ":" .. stamp
+    local used = tonumber(redis.call("GET", key) or "0")
+    remaining[i] = math.max(0, limit - used)
+    quotas[#quotas + 1] = {i = i, name = name, key = key, limit = limit, used = used, stop = stop}
+  end
+end
+
+local function reply(granted, wait, reason)
+  return {granted, math.ceil(wait), reason, remaining[1], remaining[2], remaining[3],
+    remaining[4], tostring(rate)}
+end
+
+-- (1) A server's Retry-After blocks every worker.
+local blocked = tonumber(redis.call("GET", KEYS[2]) or "0")
+if blocked > now then return reply(0, blocked - now, "blocked") end
+
+-- (2) A spent quota holds calls until its period ends (or an override raises it).
+for _, q in ipairs(quotas) do
+  if q.used >= q.limit then return reply(0, q.stop * 1000000 - now, "quota:" .. q.name) end
+end
+
+-- (3) GCRA: emission interval T (rounded up: never faster than the rate), tolerance B*T.
+local interval = math.ceil(1000000 / rate)
+local tat = tonumber(redis.call("GET", KEYS[1]) or "0")
+local new_tat = math.max(tat, now) + interval
+local wait = math.max(0, new_tat - burst * interval - now)
+if wait > max_wait then return reply(0, wait - max_wait, "rate") end
+
+-- Reserve: the bucket is full again at new_tat, so the key may vanish a second after that.
+redis.call("SET", KEYS[1], string.format("%.0f", new_tat), "PX", math.ceil((new_tat - now) / 1000) + 1000)
+for _, q in ipairs(quotas) do
+  redis.call("INCR", q.key)
+  redis.call("PEXPIRE", q.key, math.ceil((q.stop * 1000000 - now) / 1000) + 60000)
+  remaining[q.i] = math.max(0, q.limit - q.used - 1)
+end
+return reply(1, wait, "")

@@ -1,0 +1,334 @@
+"""Limits, quota periods and the Redis key layout shared by every limiter, plus ``limits`` admin.
+
+Key layout (``<prefix>`` is ``enricher:{<app_id>:<api>}:``; the ``{...}`` hash tag puts every key
+of one API in one Redis Cluster slot, so one script can touch them all atomically):
+
+    key                             value                            TTL
+    <prefix>tat                     GCRA theoretical arrival, µs     until the bucket is full + 1 s
+    <prefix>blocked                 "blocked until" (Retry-After)    until the block ends + 1 s
+    <prefix>overrides               hash: rate, burst, quota:<p>     30 days, renewed by limits set
+    <prefix>quota:<period>:<stamp>  calls granted in that period     until the period ends + 60 s
+
+Quota periods are UTC calendar periods; stamps read ``2025-01-31T12:34`` (minute),
+``2025-01-31T12`` (hour), ``2025-01-31`` (day) and ``2025-01`` (month). The Lua scripts compute
+the same periods from Redis time; :func:`period_bounds` is their Python twin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any, Final, Protocol, cast
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from .errors import ServiceUnavailable
+from .units import QuotaPeriod
+
+__all__ = [
+    "OVERRIDES_TTL",
+    "PERIODS",
+    "REDIS_ERRORS",
+    "ApiLimits",
+    "ApiUsage",
+    "Keys",
+    "Limits",
+    "QuotaUsage",
+    "load_script",
+    "override_fields",
+    "period_bounds",
+    "read_usage",
+    "reset_overrides",
+    "set_overrides",
+]
+
+PERIODS: Final[tuple[QuotaPeriod, ...]] = ("minute", "hour", "day", "month")
+OVERRIDES_TTL: Final = 30 * 86_400  # seconds; `limits set` renews it, so only forgotten ones expire
+# Redis is unreachable or temporarily unable to serve (failover, cluster reconfiguration).
+REDIS_ERRORS: Final = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    OSError,
+)
+
+
+class _Rate(Protocol):
+    @property
+    def per_second(self) -> float: ...
+
+
+class _Quota(Protocol):
+    @property
+    def limit(self) -> int: ...
+    @property
+    def period(self) -> QuotaPeriod: ...
+
+
+class ApiLimits(Protocol):
+    """The fields of ``config.ApiSettings`` the limiter reads."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def rate(self) -> _Rate: ...
+    @property
+    def burst(self) -> int: ...
+    @property
+    def quotas(self) -> Sequence[_Quota]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Effective numbers for one API: ``rate`` in calls/s, ``burst`` calls, period -> quota."""
+
+    rate: float
+    burst: int
+    quotas: Mapping[QuotaPeriod, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, api: ApiLimits) -> Limits:
+        """The configured limits."""
+        return cls(api.rate.per_second, api.burst, {q.period: q.limit for q in api.quotas})
+
+    def overridden(self, fields: Mapping[str, str]) -> Limits:
+        """These limits with run-time overrides applied (a negative quota removes it)."""
+        quotas = dict(self.quotas)
+        for period in PERIODS:
+            if (value := fields.get(f"quota:{period}")) is not None:
+                quotas[period] = int(float(value))
+        rate, burst = fields.get("rate"), fields.get("burst")
+        return replace(
+            self,
+            rate=float(rate) if rate is not None else self.rate,
+            burst=int(float(burst)) if burst is not None else self.burst,
+            quotas={p: n for p, n in quotas.items() if n >= 0},
+        )
+
+    def quota_args(self) -> list[int]:
+        """Quota limits for minute, hour, day, month as the scripts take them (-1 = none)."""
+        return [self.quotas.get(period, -1) for period in PERIODS]
+
+
+def override_fields(
+    *,
+    rate: float | None = None,
+    burst: int | None = None,
+    quotas: Mapping[str, int | None] | None = None,
+) -> dict[str, str]:
+    """The overrides hash fields for ``limits set``; a quota of ``None`` removes that quota."""
+    fields: dict[str, str] = {}
+    if rate is not None:
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be a positive number of calls per second, got {rate}")
+        fields["rate"] = repr(float(rate))
+    if burst is not None:
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, got {burst}")
+        fields["burst"] = str(int(burst))
+    for period, limit in (quotas or {}).items():
+        if period not in PERIODS:
+            raise ValueError(f"quota period must be one of {', '.join(PERIODS)}, got {period!r}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"a quota cannot be negative, got {limit}")
+        fields[f"quota:{period}"] = str(-1 if limit is None else int(limit))
+    return fields
+
+
+def period_bounds(period: QuotaPeriod, now: float) -> tuple[float, float, str]:
+    """Start and end (epoch seconds) and key stamp of the UTC calendar period holding ``now``."""
+    moment = datetime.fromtimestamp(math.floor(now), UTC)
+    if period == "minute":
+        start = moment.replace(second=0)
+        end, stamp = start + timedelta(minutes=1), start.strftime("%Y-%m-%dT%H:%M")
+    elif period == "hour":
+        start = moment.replace(minute=0, second=0)
+        end, stamp = start + timedelta(hours=1), start.strftime("%Y-%m-%dT%H")
+    elif period == "day":
+        start = moment.replace(hour=0, minute=0, second=0)
+        end, stamp = start + timedelta(days=1), start.strftime("%Y-%m-%d")
+    else:
+        start = moment.replace(day=1, hour=0, minute=0, second=0)
+        end, stamp = (start + timedelta(days=32)).replace(day=1), start.strftime("%Y-%m")
+    return start.timestamp(), end.timestamp(), stamp
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The Redis keys of one API (see the module docstring)."""
+
+    prefix: str
+
+    @classmethod
+    def of(cls, app_id: str, api: str) -> Keys:
+        return cls(f"enricher:{{{app_id}:{api}}}:")
+
+    @property
+    def tat(self) -> str:
+        return self.prefix + "tat"
+
+    @property
+    def blocked(self) -> str:
+        return self.prefix + "blocked"
+
+    @property
+    def overrides(self) -> str:
+        return self.prefix + "overrides"
+
+    @property
+    def quota_prefix(self) -> str:
+        return self.prefix + "quota:"
+
+    def quota(self, period: QuotaPeriod, stamp: str) -> str:
+        return f"{self.quota_prefix}{period}:{stamp}"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaUsage:
+    """One quota in the current period: ``resets_at`` is the period's end (UTC)."""
+
+    period: QuotaPeriod
+    limit: int
+    used: int
+    remaining: int
+    resets_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiUsage:
+    """What ``enricher limits show`` prints for one API."""
+
+    api: str
+    rate: float
+    burst: int
+    overrides: Mapping[str, str]
+    quotas: tuple[QuotaUsage, ...]
+    blocked_until: datetime | None
+
+    @classmethod
+    def build(
+        cls,
+        api: ApiLimits,
+        overrides: Mapping[str, str],
+        used: Mapping[QuotaPeriod, int],
+        blocked_until: float,
+        now: float,
+    ) -> ApiUsage:
+        """Usage from raw figures (``used`` per period, times in epoch seconds)."""
+        limits = Limits.of(api).overridden(overrides)
+        quotas = tuple(
+            QuotaUsage(
+                p, n, used.get(p, 0), max(0, n - used.get(p, 0)), _utc(period_bounds(p, now)[1])
+            )
+            for p, n in sorted(limits.quotas.items(), key=lambda item: PERIODS.index(item[0]))
+        )
+        blocked = _utc(blocked_until) if blocked_until > now else None
+        return cls(api.name, limits.rate, limits.burst, dict(overrides), quotas, blocked)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form; times are ISO-8601 UTC."""
+        return {
+            "api": self.api,
+            "rate_per_second": self.rate,
+            "burst": self.burst,
+            "overrides": dict(self.overrides),
+            "quotas": [
+                {
+                    "period": q.period,
+                    "limit": q.limit,
+                    "used": q.used,
+                    "remaining": q.remaining,
+                    "resets_at": q.resets_at.isoformat(),
+                }
+                for q in self.quotas
+            ],
+            "blocked_until": self.blocked_until.isoformat() if self.blocked_until else None,
+        }
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def load_script(name: str) -> str:
+    """The text of a Lua script shipped in ``enricher/lua``."""
+    return (resources.files("enricher.lua") / name).read_text(encoding="utf-8")
+
+
+def text(value: object) -> str:
+    """A Redis reply item as ``str`` (clients may or may not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def redis_now(client: aioredis.Redis) -> float:
+    """Redis server time in epoch seconds."""
+    seconds, micros = await client.time()
+    return int(seconds) + int(micros) / 1e6
+
+
+async def read_usage(client: aioredis.Redis, app_id: str, api: ApiLimits) -> ApiUsage:
+    """Current usage of one API from Redis (``enricher limits show``)."""
+    keys = Keys.of(app_id, api.name)
+    try:
+        now = await redis_now(client)
+        stamps = {p: period_bounds(p, now)[2] for p in PERIODS}
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(keys.overrides)
+        pipe.get(keys.blocked)
+        for period, stamp in stamps.items():
+            pipe.get(keys.quota(period, stamp))
+        raw_overrides, blocked, *counts = await pipe.execute()
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable("redis", str(exc)) from exc
+    overrides = {text(k): text(v) for k, v in cast(dict[Any, Any], raw_overrides).items()}
+    used = {p: int(text(c)) for p, c in zip(PERIODS, counts, strict=True) if c is not None}
+    blocked_until = int(text(blocked)) / 1e6 if blocked is not None else 0.0
+    return ApiUsage.build(api, overrides, used, blocked_until, now)
+
+
+async def set_overrides(
+    client: aioredis.Redis,
+    app_id: str,
+    api: str,
+    *,
+    rate: float | None = None,
+    burst: int | None = None,
+    quotas: Mapping[str, int | None] | None = None,
+) -> None:
+    """``limits set``: store overrides that every worker applies at its next decision.
+
+    ``rate`` in calls/s; a quota of ``None`` removes that period's quota. The hash's TTL
+    (:data:`OVERRIDES_TTL`) is renewed by every set. Raises ValueError, ServiceUnavailable.
+    """
+    fields = override_fields(rate=rate, burst=burst, quotas=quotas)
+    if not fields:
+        return
+    key = Keys.of(app_id, api).overrides
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(key, mapping={k: v for k, v in fields.items()})
+        pipe.expire(key, OVERRIDES_TTL)
+        await pipe.execute()
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable("redis", str(exc)) from exc
+
+
+async def reset_overrides(
+    client: aioredis.Redis, app_id: str, api: str, *, reset_usage: bool = False
+) -> None:
+    """``limits reset``: drop the overrides; ``reset_usage`` also drops this period's counters."""
+    keys = Keys.of(app_id, api)
+    try:
+        doomed = [keys.overrides]
+        if reset_usage:
+            now = await redis_now(client)
+            doomed += [keys.quota(p, period_bounds(p, now)[2]) for p in PERIODS]
+        await client.delete(*doomed)
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable("redis", str(exc)) from exc

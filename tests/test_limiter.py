@@ -1,0 +1,444 @@
+"""The limiters: one contract suite over MemoryLimiter and RedisLimiter, then Redis-only checks
+(several workers, key TTLs, the Lua calendar, outages) against a private redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import math
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import pytest
+import redis.asyncio as aioredis
+
+from enricher.config import ApiSettings
+from enricher.errors import ShuttingDown
+from enricher.limiter import MemoryLimiter, RedisLimiter, acquire_args, parse_reply
+from enricher.quota import ApiUsage, Keys, Limits, load_script, period_bounds
+from enricher.units import QuotaPeriod
+
+from .redis_server import RedisServer, start_redis_server
+
+
+class AnyLimiter(Protocol):
+    async def acquire(self, api: str) -> None: ...
+    async def block(self, api: str, seconds: float) -> None: ...
+    async def close(self) -> None: ...
+    async def usage(self, api: str) -> ApiUsage: ...
+    async def reset_overrides(self, api: str, *, reset_usage: bool = False) -> None: ...
+    async def set_overrides(
+        self,
+        api: str,
+        *,
+        rate: float | None = None,
+        burst: int | None = None,
+        quotas: Mapping[str, int | None] | None = None,
+    ) -> None: ...
+
+
+Factory = Callable[..., AnyLimiter]
+
+
+def apis(*specs: tuple[str, str, int, Sequence[str]]) -> dict[str, ApiSettings]:
+    """``(name, rate, burst, quotas)`` -> real config models."""
+    return {
+        name: ApiSettings.model_validate(
+            {"name": name, "url": "http://127.0.0.1/x", "rate": rate, "burst": burst, "quotas": q}
+        )
+        for name, rate, burst, q in specs
+    }
+
+
+def max_in_window(times: Sequence[float], width: float) -> int:
+    """Most events in any half-open window ``[t, t + width)``."""
+    ordered = sorted(times)
+    return max(bisect.bisect_left(ordered, t + width) - i for i, t in enumerate(ordered))
+
+
+async def timed_acquires(limiter: AnyLimiter, api: str, n: int) -> list[float]:
+    loop = asyncio.get_running_loop()
+
+    async def one() -> float:
+        await limiter.acquire(api)
+        return loop.time()
+
+    return sorted(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def still_waiting(task: asyncio.Task[Any], seconds: float) -> bool:
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    return not done
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = start_redis_server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server this test may stop and restart."""
+    server = start_redis_server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_redis(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> AsyncIterator[Callable[..., RedisLimiter]]:
+    """RedisLimiters on separate clients (like separate workers) sharing app_id ``test``."""
+    made: list[tuple[RedisLimiter, aioredis.Redis]] = []
+
+    def build(specs: Mapping[str, ApiSettings], url: str | None = None, **kw: Any) -> RedisLimiter:
+        client = aioredis.Redis.from_url(url or redis_server.url)
+        limiter = RedisLimiter(redis=client, app_id="test", apis=specs, **kw)
+        made.append((limiter, client))
+        return limiter
+
+    yield build
+    for limiter, client in made:
+        await limiter.close()
+        await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make(
+    request: pytest.FixtureRequest, make_redis: Callable[..., RedisLimiter]
+) -> AsyncIterator[Factory]:
+    """The contract suite runs over both implementations."""
+    memories: list[MemoryLimiter] = []
+
+    def build(specs: Mapping[str, ApiSettings], **kw: Any) -> AnyLimiter:
+        if request.param == "redis":
+            return make_redis(specs, **kw)
+        memories.append(MemoryLimiter(apis=specs, **kw))
+        return memories[-1]
+
+    yield build
+    for limiter in memories:
+        await limiter.close()
+
+
+# --- contract: both implementations -----------------------------------------------------------
+
+
+async def test_burst_then_paced_by_reservation(make: Factory) -> None:
+    rate, burst, n = 50, 5, 80
+    limiter = make(apis(("geo", f"{rate}/s", burst, ())))
+    await asyncio.gather(*(limiter.usage("geo") for _ in range(n)))  # open the connections
+    start = asyncio.get_running_loop().time()
+    times = await timed_acquires(limiter, "geo", n)
+
+    assert times[burst - 1] - start < 0.05  # the burst goes at once
+    assert max_in_window(times, 1.0) <= burst + rate
+    expected = (n - burst) / rate
+    assert expected - 0.02 <= times[-1] - start <= expected + 0.3
+    gaps = [b - a for a, b in zip(times[burst:], times[burst + 1 :], strict=False)]
+    assert 0.8 / rate <= statistics.median(gaps) <= 1.2 / rate  # spread ~1/rate apart ...
+    assert max_in_window(times[burst:], 0.1) <= 0.1 * rate + 2  # ... not bunched
+
+
+async def test_quota_lets_exactly_n_through_then_holds_until_raised(make: Factory) -> None:
+    limiter = make(apis(("geo", "1000/s", 100, ["3/day"])), retry_cap=0.3)
+    for _ in range(3):
+        await asyncio.wait_for(limiter.acquire("geo"), 1)
+    fourth = asyncio.create_task(limiter.acquire("geo"))
+    assert await still_waiting(fourth, 0.5)
+    usage = await limiter.usage("geo")
+    assert [(q.period, q.limit, q.used, q.remaining) for q in usage.quotas] == [("day", 3, 3, 0)]
+
+    raised_at = time.monotonic()
+    await limiter.set_overrides("geo", quotas={"day": 5})
+    await asyncio.wait_for(fourth, 2)
+    assert time.monotonic() - raised_at < 1.0  # noticed within the retry cap
+    await asyncio.wait_for(limiter.acquire("geo"), 1)
+    sixth = asyncio.create_task(limiter.acquire("geo"))
+    assert await still_waiting(sixth, 0.4)
+    sixth.cancel()  # the caller's own cancellation stays a cancellation
+    with pytest.raises(asyncio.CancelledError):
+        await sixth
+    assert [q.used for q in (await limiter.usage("geo")).quotas] == [5]
+
+
+async def test_rate_override_applies_to_the_next_calls(make: Factory) -> None:
+    limiter = make(apis(("geo", "1000/s", 100, ())))
+    await limiter.set_overrides("geo", rate=10.0, burst=1)
+    times = await timed_acquires(limiter, "geo", 6)
+    assert 0.45 <= times[-1] - times[0] <= 0.8
+    await limiter.reset_overrides("geo")
+    times = await timed_acquires(limiter, "geo", 20)
+    assert times[-1] - times[0] < 0.1
+
+
+async def test_block_delays_acquires_and_never_shortens(make: Factory) -> None:
+    limiter = make(apis(("geo", "100/s", 10, ())), retry_cap=1.0)
+    await limiter.block("geo", 0.4)
+    await limiter.block("geo", 0.1)  # a shorter Retry-After keeps the longer block
+    started = time.monotonic()
+    await asyncio.wait_for(limiter.acquire("geo"), 2)
+    assert 0.35 <= time.monotonic() - started <= 0.8
+
+
+async def test_usage_shows_effective_limits_and_overrides(make: Factory) -> None:
+    limiter = make(apis(("geo", "50/s", 5, ["100/day", "10/minute"])))
+    for _ in range(3):
+        await limiter.acquire("geo")
+    await limiter.set_overrides("geo", rate=20.0, burst=2, quotas={"hour": 7})
+    await limiter.block("geo", 30)
+    usage = await limiter.usage("geo")
+    assert (usage.rate, usage.burst) == (20.0, 2)
+    assert usage.overrides == {"rate": "20.0", "burst": "2", "quota:hour": "7"}
+    table = [(q.period, q.limit, q.used, q.remaining) for q in usage.quotas]
+    assert table == [("minute", 10, 3, 7), ("hour", 7, 0, 7), ("day", 100, 3, 97)]
+    minute_reset = usage.quotas[0].resets_at
+    assert minute_reset.tzinfo == UTC and minute_reset.second == 0
+    assert 0 < minute_reset.timestamp() - time.time() <= 60
+    assert usage.blocked_until is not None
+    assert 29 < usage.blocked_until.timestamp() - time.time() <= 30.5
+    report = usage.as_dict()
+    assert report["quotas"][2]["resets_at"].endswith("+00:00")
+    assert datetime.fromisoformat(report["quotas"][2]["resets_at"]).hour == 0
+
+    await limiter.reset_overrides("geo")
+    usage = await limiter.usage("geo")
+    assert (usage.rate, usage.burst, usage.overrides) == (50.0, 5, {})
+    assert [(q.period, q.used) for q in usage.quotas] == [("minute", 3), ("day", 3)]
+    await limiter.reset_overrides("geo", reset_usage=True)
+    assert [q.used for q in (await limiter.usage("geo")).quotas] == [0, 0]
+
+
+async def test_close_makes_every_waiter_raise_shutting_down(make: Factory) -> None:
+    limiter = make(apis(("spent", "100/s", 10, ["1/day"]), ("slow", "1/s", 1, ())), max_wait=5.0)
+    await limiter.acquire("spent")
+    await limiter.acquire("slow")
+    waiters = [asyncio.create_task(limiter.acquire("spent")) for _ in range(5)]
+    waiters.append(asyncio.create_task(limiter.acquire("slow")))  # sleeping on its reservation
+    assert await still_waiting(waiters[-1], 0.2)
+    closed_at = time.monotonic()
+    await limiter.close()
+    results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 1)
+    assert time.monotonic() - closed_at < 0.2
+    assert all(isinstance(r, ShuttingDown) for r in results)
+    with pytest.raises(ShuttingDown):
+        await limiter.acquire("slow")
+
+
+async def test_rejects_unknown_api_and_bad_overrides(make: Factory) -> None:
+    limiter = make(apis(("geo", "5/s", 1, ())))
+    with pytest.raises(ValueError, match="unknown API"):
+        await limiter.acquire("nope")
+    with pytest.raises(ValueError, match="burst"):
+        await limiter.set_overrides("geo", burst=0)
+    with pytest.raises(ValueError, match="period"):
+        await limiter.set_overrides("geo", quotas={"week": 3})
+
+
+async def test_memory_quota_holds_until_the_month_resets() -> None:
+    now = [datetime(2024, 1, 31, 23, 59, 58, tzinfo=UTC).timestamp()]
+    sleeps: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    limiter = MemoryLimiter(
+        apis=apis(("geo", "10/s", 2, ["2/month"])), clock=lambda: now[0], sleep=fake_sleep
+    )
+    await limiter.acquire("geo")
+    await limiter.acquire("geo")
+    await limiter.acquire("geo")  # held until 2024-02-01T00:00:00Z
+    assert (
+        datetime(2024, 2, 1, tzinfo=UTC).timestamp()
+        <= now[0]
+        < datetime(2024, 2, 1, 0, 0, 1, tzinfo=UTC).timestamp()
+    )
+    assert len(sleeps) <= 4  # slept to the reset, in capped steps: no busy loop
+
+
+# --- Redis only ------------------------------------------------------------------------------
+
+
+async def test_several_workers_share_one_limit(make_redis: Callable[..., RedisLimiter]) -> None:
+    rate, burst = 50, 5
+    workers = [make_redis(apis(("geo", f"{rate}/s", burst, ()))) for _ in range(3)]
+    start = asyncio.get_running_loop().time()
+    per_worker = await asyncio.gather(*(timed_acquires(w, "geo", 25) for w in workers))
+    times = sorted(t for worker_times in per_worker for t in worker_times)
+    assert max_in_window(times, 1.0) <= burst + rate
+    expected = (len(times) - burst) / rate
+    assert expected - 0.02 <= times[-1] - start <= expected + 0.3
+    assert all(ts[0] - start < 1.0 for ts in per_worker)  # nobody is starved
+
+
+async def test_block_from_one_worker_delays_the_others(
+    make_redis: Callable[..., RedisLimiter],
+) -> None:
+    first, second = (make_redis(apis(("geo", "100/s", 10, ()))) for _ in range(2))
+    await first.block("geo", 0.4)
+    started = time.monotonic()
+    await asyncio.wait_for(second.acquire("geo"), 2)
+    assert 0.35 <= time.monotonic() - started <= 0.8
+
+
+async def test_every_key_has_a_ttl(
+    make_redis: Callable[..., RedisLimiter], redis_client: aioredis.Redis
+) -> None:
+    quotas = ["100/minute", "1000/hour", "10000/day", "100000/month"]
+    limiter = make_redis(apis(("geo", "100/s", 10, quotas)))
+    for _ in range(5):
+        await limiter.acquire("geo")
+    await limiter.set_overrides("geo", rate=50.0, quotas={"day": 500})
+    await limiter.acquire("geo")
+    await limiter.block("geo", 5)
+
+    keys = sorted([k.decode() async for k in redis_client.scan_iter("*")])
+    prefix = "enricher:{test:geo}:"
+    stamps = [period_bounds(p, time.time())[2] for p in ("minute", "hour", "day", "month")]
+    assert {k.removeprefix(prefix).split(":", 2)[0] for k in keys} == {
+        "tat",
+        "blocked",
+        "overrides",
+        "quota",
+    }
+    assert len(keys) == 7 and all(k.startswith(prefix) for k in keys)
+    assert any(k.endswith(stamps[2]) for k in keys)
+    for key in keys:
+        assert await redis_client.pttl(key) > 0, key
+
+
+CALENDAR_CASES = [
+    "2024-02-29T23:59:59.999999",
+    "2024-02-28T23:59:59",
+    "2023-02-28T23:59:59.5",
+    "2023-12-31T23:59:59.999999",
+    "2024-01-01T00:00:00",
+    "2000-02-29T12:00:00",
+    "2100-02-28T23:30:00",
+    "1999-12-31T23:59:59",
+    "2025-06-30T23:59:59.999999",
+    "1970-01-01T00:00:00",
+]
+
+
+def _random_moments(n: int) -> list[str]:
+    rng = random.Random(7)
+    low, high = 0, datetime(2200, 1, 1, tzinfo=UTC).timestamp()
+    moments = (rng.uniform(low, high) for _ in range(n))
+    return [datetime.fromtimestamp(m, UTC).replace(tzinfo=None).isoformat() for m in moments]
+
+
+@pytest.mark.parametrize("moment", CALENDAR_CASES + _random_moments(10))
+async def test_lua_calendar_periods_match_the_python_twin(
+    redis_client: aioredis.Redis, moment: str
+) -> None:
+    script = redis_client.register_script(load_script("acquire.lua"))
+    at = datetime.fromisoformat(moment).replace(tzinfo=UTC)
+    now_us = int(at.timestamp()) * 1_000_000 + at.microsecond
+    periods: tuple[QuotaPeriod, ...] = ("minute", "hour", "day", "month")
+    for period in periods:
+        keys = Keys.of("cal", f"{period}-{moment}")
+        args = acquire_args(Limits(1000.0, 10, {period: 1}), 1.0, now_us)
+        key_list = [keys.tat, keys.blocked, keys.overrides, keys.quota_prefix]
+        granted = parse_reply(await script(keys=key_list, args=args))
+        assert (granted.granted, dict(granted.remaining)) == (True, {period: 0})
+
+        _, end, stamp = period_bounds(period, now_us / 1e6)
+        quota_key = keys.quota(period, stamp)
+        assert await redis_client.get(quota_key) == b"1"
+        expected_ttl_ms = (end * 1e6 - now_us) / 1000 + 60_000
+        assert abs(await redis_client.pttl(quota_key) - expected_ttl_ms) < 1500
+
+        refused = parse_reply(await script(keys=key_list, args=args))
+        assert (refused.granted, refused.reason) == (False, f"quota:{period}")
+        assert refused.wait == math.ceil(end * 1e6 - now_us) / 1e6
+
+
+def test_python_calendar_twin() -> None:
+    def bounds(period: QuotaPeriod, moment: str) -> tuple[str, str, str]:
+        start, end, stamp = period_bounds(period, datetime.fromisoformat(moment).timestamp())
+        iso = [datetime.fromtimestamp(t, UTC).isoformat()[:19] for t in (start, end)]
+        return iso[0], iso[1], stamp
+
+    feb = bounds("month", "2024-02-29T23:59:59.9+00:00")
+    assert feb == ("2024-02-01T00:00:00", "2024-03-01T00:00:00", "2024-02")
+    dec = bounds("month", "2023-12-31T23:59:59+00:00")
+    assert dec == ("2023-12-01T00:00:00", "2024-01-01T00:00:00", "2023-12")
+    day = bounds("day", "2100-02-28T23:00:00+00:00")
+    assert day == ("2100-02-28T00:00:00", "2100-03-01T00:00:00", "2100-02-28")
+    hour = bounds("hour", "2024-03-31T01:30:00+00:00")  # DST change dates do not matter: UTC
+    assert hour == ("2024-03-31T01:00:00", "2024-03-31T02:00:00", "2024-03-31T01")
+    minute = bounds("minute", "2024-01-01T00:00:59.999+00:00")
+    assert minute == ("2024-01-01T00:00:00", "2024-01-01T00:01:00", "2024-01-01T00:00")
+
+
+async def test_pause_mode_makes_no_call_while_redis_is_down(
+    own_server: RedisServer,
+    make_redis: Callable[..., RedisLimiter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = make_redis(apis(("geo", "100/s", 10, ())), url=own_server.url, retry_cap=0.5)
+    await limiter.acquire("geo")
+    own_server.stop()
+    caplog.set_level(logging.WARNING, logger="enricher.limiter")
+    waiters = [asyncio.create_task(limiter.acquire("geo")) for _ in range(5)]
+    done, _ = await asyncio.wait(waiters, timeout=1.0)
+    assert not done  # no token, no call
+
+    restarted_at = time.monotonic()
+    await asyncio.to_thread(own_server.start)
+    await asyncio.wait_for(asyncio.gather(*waiters), 4)
+    assert time.monotonic() - restarted_at < 3.0  # resumed by itself
+    messages = [r.getMessage() for r in caplog.records if r.name == "enricher.limiter"]
+    assert sum("unreachable" in m for m in messages) == 1  # once per outage, not per call
+    assert sum("reachable again" in m for m in messages) == 1
+
+
+async def test_local_mode_calls_at_the_local_share_while_redis_is_down(
+    own_server: RedisServer, make_redis: Callable[..., RedisLimiter]
+) -> None:
+    specs = apis(("geo", "40/s", 40, ["40/day"]), ("fast", "40/s", 40, ()))
+    limiter = make_redis(
+        specs, url=own_server.url, on_unavailable="local", local_share=0.25, retry_cap=0.3
+    )
+    await asyncio.gather(*(limiter.acquire("geo") for _ in range(20)))  # 20 of 40 left
+    own_server.stop()
+
+    # Rate: 40/s x 0.25 = 10/s, at most 10 at once.
+    start = asyncio.get_running_loop().time()
+    times = await asyncio.wait_for(timed_acquires(limiter, "fast", 20), 5)
+    assert 0.8 <= times[-1] - start <= 1.6
+    assert max_in_window(times, 0.5) <= 16
+    # Quota: a quarter of the 20 remaining when Redis was last seen.
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire("geo") for _ in range(5))), 1)
+    sixth = asyncio.create_task(limiter.acquire("geo"))
+    assert await still_waiting(sixth, 0.5)
+
+    await asyncio.to_thread(own_server.start)  # empty: nothing was persisted
+    await asyncio.wait_for(sixth, 4)
+    client = aioredis.Redis.from_url(own_server.url)
+    try:
+        key = Keys.of("test", "geo").quota("day", period_bounds("day", time.time())[2])
+        assert await client.get(key) == b"6"  # the 5 local calls were added back, then 1 more
+        assert await client.pttl(key) > 0
+    finally:
+        await client.aclose()
