@@ -620,7 +620,7 @@ def mask_url(url: str) -> str:
 def render_effective(config: Config) -> str:
     """The config after defaults as YAML, itself a valid config file; secrets shown as ``***``."""
     data = _effective(config)
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 def _effective(config: Config) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     EnricherError
     ├── ConfigError            bad config file or option; names the key path (CLI exit 2)
+    │   └── BadArgument        a bad command-line argument; names the argument
     ├── ServiceUnavailable     Redis or Kafka cannot be reached (CLI exit 1)
     ├── ShuttingDown           the worker is stopping; a wait was cancelled, nothing was called
     └── EventError             one event cannot be enriched: it becomes a dead letter
@@ -20,6 +21,7 @@ from typing import Any, Literal
 ErrorKind = Literal["invalid_event", "http_status", "timeout", "connection", "bad_response"]
 
 __all__ = [
+    "BadArgument",
     "CallError",
     "ConfigError",
     "EnricherError",
@@ -45,6 +47,10 @@ class ConfigError(EnricherError):
         self.key = key
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
+
+
+class BadArgument(ConfigError):
+    """A command-line argument is invalid (``key`` names it: ``--rate``, ``API``)."""
 
 
 class ServiceUnavailable(EnricherError):

@@ -1,0 +1,141 @@
+"""The Faust layer: builds the app from the config; the agent only hands records to the pipeline.
+
+``create_app(config)`` returns an :class:`EnricherApp` (the Faust app plus the worker's runtime);
+there is no module-level app. The agent keeps Faust's concurrency at 1 and acks manually, in
+offset order, only after the event's output or dead letter is acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+import faust
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+
+from .config import Config
+from .errors import ShuttingDown
+from .pipeline import OutputTooLarge, SinkUnavailable
+from .records import InputRecord, OutputRecord
+from .runtime import Runtime
+
+__all__ = ["EnricherApp", "create_app", "faust_settings"]
+
+log = logging.getLogger(__name__)
+
+# What Faust acks: the stream the event came from, and the event.
+AckToken = tuple[Any, Any]
+
+
+def faust_settings(config: Config, *, web_port: int) -> dict[str, Any]:
+    """Faust settings derived from the config (PITFALLS 5, 6, 8, 9)."""
+    in_flight = config.worker.in_flight
+    return {
+        "broker": list(config.kafka.broker),
+        "broker_session_timeout": config.kafka.session_timeout,
+        "broker_rebalance_timeout": config.kafka.rebalance_timeout,
+        "broker_heartbeat_interval": min(3.0, config.kafka.session_timeout / 3),
+        "broker_commit_interval": 1.0,
+        "broker_max_poll_records": max(1, min(in_flight, 500)),
+        "stream_buffer_maxsize": max(1, min(in_flight, 256)),
+        "stream_wait_empty": False,  # we drain ourselves; waiting on token holds could hang
+        "consumer_auto_offset_reset": config.kafka.auto_offset_reset,
+        "topic_partitions": config.kafka.partitions,
+        "producer_acks": -1,
+        "web_bind": config.worker.web_host,
+        "web_host": config.worker.web_host,
+        "web_port": web_port,
+        "autodiscover": False,
+        "store": "memory://",
+    }
+
+
+class FaustSink:
+    """Writes records with the app's producer and waits for the broker's acknowledgement."""
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+
+    async def write(self, record: OutputRecord) -> None:
+        try:
+            await self._app.producer.send_and_wait(
+                record.topic, record.key, record.value, None, None, list(record.headers)
+            )
+        except MessageSizeTooLargeError as exc:
+            raise OutputTooLarge(str(exc)) from None
+        except (KafkaError, OSError) as exc:
+            raise SinkUnavailable(type(exc).__name__) from None
+
+
+class EnricherApp:
+    """A Faust app wired to one worker's runtime."""
+
+    def __init__(self, config: Config, *, web_port: int) -> None:
+        self.config = config
+        self.faust = faust.App(config.app_id, **faust_settings(config, web_port=web_port))
+        self._runtime: Runtime[AckToken] | None = None
+        self._ready = asyncio.Event()
+        self.input_topic = self._topic(config.topics.input)
+        self.output_topics = [
+            self._topic(config.topics.output),
+            self._topic(config.topics.dead_letter),
+        ]
+        self.faust.agent(self.input_topic, name="enrich", concurrency=1)(self._agent)
+        self.faust.task(self._start_runtime)
+        self.faust.on_partitions_revoked.connect(cast(Any, self._on_revoked))
+
+    def _topic(self, name: str) -> Any:
+        return self.faust.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=self.config.kafka.partitions,
+        )
+
+    @property
+    def runtime(self) -> Runtime[AckToken] | None:
+        """The running worker's parts, once started."""
+        return self._runtime
+
+    async def _start_runtime(self) -> None:
+        for topic in self.output_topics:
+            await topic.maybe_declare()
+        self._runtime = Runtime(self.config, sink=FaustSink(self.faust), release=_ack)
+        self._ready.set()
+
+    async def _agent(self, stream: Any) -> None:
+        await self._ready.wait()
+        runtime = self._runtime
+        assert runtime is not None
+        manual = stream.noack()
+        async for event in manual.events():
+            message = event.message
+            record = InputRecord(
+                message.topic, message.partition, message.offset, message.key, message.value
+            )
+            try:
+                await runtime.pipeline.submit(record, (manual, event))
+            except ShuttingDown:
+                break
+
+    async def _on_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
+        if self._runtime is not None:
+            self._runtime.pipeline.revoke((tp.topic, tp.partition) for tp in revoked)
+
+    async def shutdown(self, grace: float) -> None:
+        """Finish or abandon in-flight events before Faust commits and stops."""
+        if self._runtime is not None:
+            await self._runtime.close(grace)
+
+
+async def _ack(token: AckToken) -> None:
+    stream, event = token
+    await stream.ack(event)
+
+
+def create_app(config: Config, *, web_port: int = 0) -> EnricherApp:
+    """Build the Faust app for ``config`` (no side effects until it is run)."""
+    return EnricherApp(config, web_port=web_port)

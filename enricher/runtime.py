@@ -1,0 +1,80 @@
+"""The worker's long-lived parts, built once at start and closed in order at shutdown.
+
+No Faust here: the Faust layer (``app.py``) passes in the sink that writes records and the
+callback that acks events, so the whole chain is testable without a broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from .caller import ApiCaller
+from .config import Config
+from .enrich import Enricher
+from .limiter import RedisLimiter
+from .pipeline import Pipeline, Sink
+
+__all__ = ["Runtime", "connect_redis"]
+
+T = TypeVar("T")
+
+
+def connect_redis(config: Config) -> aioredis.Redis:
+    """A Redis client for the configured URL (``rediss://`` for TLS); connects lazily."""
+    return aioredis.Redis.from_url(
+        config.redis.url,
+        socket_connect_timeout=2.0,
+        socket_timeout=2.0,
+        health_check_interval=10,
+    )
+
+
+def http_session() -> aiohttp.ClientSession:
+    """The worker's single HTTP session; per-API semaphores bound what is in flight."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, trust_env=False)
+
+
+class Runtime(Generic[T]):
+    """Redis client, limiter, HTTP session, caller, enricher and pipeline of one worker."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sink: Sink,
+        release: Callable[[T], Awaitable[None]],
+        redis: aioredis.Redis | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.config = config
+        self.redis = redis if redis is not None else connect_redis(config)
+        self.session = session if session is not None else http_session()
+        self.limiter = RedisLimiter(
+            redis=self.redis,
+            app_id=config.app_id,
+            apis=config.apis,
+            on_unavailable=config.redis.on_unavailable,
+            local_share=config.redis.local_share,
+        )
+        self.caller = ApiCaller(apis=config.apis, limiter=self.limiter, session=self.session)
+        self.enricher = Enricher(config, self.caller)
+        self.pipeline: Pipeline[T] = Pipeline(
+            enricher=self.enricher,
+            sink=sink,
+            topics=config.topics,
+            in_flight=config.worker.in_flight,
+            release=release,
+        )
+
+    async def close(self, grace: float) -> None:
+        """Stop token waits first (no new calls), let running calls finish within ``grace``,
+        abandon the rest unacked, then close connections."""
+        await self.limiter.close()
+        await self.pipeline.close(grace)
+        await self.session.close()
+        await self.redis.aclose()
