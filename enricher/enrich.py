@@ -51,7 +51,7 @@ def decode_event(raw: bytes | None, *, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise InvalidEvent(f"record is {len(raw)} bytes, over the {max_bytes}-byte limit")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw.decode("utf-8"))  # bytes would also accept UTF-16/32
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"record is not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
