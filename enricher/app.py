@@ -36,7 +36,9 @@ def faust_settings(config: Config, *, web_port: int) -> dict[str, Any]:
         "broker_session_timeout": config.kafka.session_timeout,
         "broker_rebalance_timeout": config.kafka.rebalance_timeout,
         "broker_heartbeat_interval": min(3.0, config.kafka.session_timeout / 3),
-        "broker_commit_interval": 1.0,
+        # Commit often: after a crash, what finished since the last commit is produced again.
+        "broker_commit_interval": 0.5,
+        "broker_commit_every": in_flight,
         "broker_max_poll_records": max(1, min(in_flight, 500)),
         "stream_buffer_maxsize": max(1, min(in_flight, 256)),
         "stream_wait_empty": False,  # we drain ourselves; waiting on token holds could hang

@@ -287,7 +287,8 @@ async def test_several_workers_share_one_limit(make_redis: Callable[..., RedisLi
     assert max_in_window(times, 1.0) <= burst + rate
     expected = (len(times) - burst) / rate
     assert expected - 0.02 <= times[-1] - start <= expected + 0.3
-    assert all(ts[0] - start < 1.0 for ts in per_worker)  # nobody is starved
+    # nobody is starved: every worker is granted calls well before the run ends
+    assert all(ts[0] - start < 0.8 * expected for ts in per_worker)
 
 
 async def test_block_from_one_worker_delays_the_others(
