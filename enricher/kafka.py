@@ -1,48 +1,64 @@
-"""Plain aiokafka helpers for the CLI commands that talk to Kafka without a Faust app."""
+"""Plain aiokafka helpers for the commands and services that talk to Kafka without a Faust app."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 
 from .config import Config
 from .errors import ServiceUnavailable
 
-__all__ = ["bootstrap_servers", "ensure_topics", "start_producer"]
+__all__ = ["create_topics", "ensure_topics", "kafka_bootstrap", "start_producer"]
+
+_TOPIC_ALREADY_EXISTS = 36
 
 
-def bootstrap_servers(config: Config) -> list[str]:
-    """``host:port`` of every configured broker URL (``kafka://host:port``)."""
-    return [url.split("://", 1)[-1].rstrip("/") for url in config.kafka.broker]
+def kafka_bootstrap(broker: str | Sequence[str]) -> list[str]:
+    """``host:port`` strings from Faust-style URLs (``kafka://h:p``, ``;``/``,``-separated)."""
+    urls = [broker] if isinstance(broker, str) else list(broker)
+    parts = (p.strip() for url in urls for p in url.replace(",", ";").split(";"))
+    return [p.removeprefix("kafka://").rstrip("/") for p in parts if p]
+
+
+async def create_topics(
+    broker_url: str | Sequence[str], names: Iterable[str], partitions: int, *, replication: int = 1
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the names actually created.
+
+    Tansu auto-creates an unknown topic, with 4 partitions, on the first Metadata request that
+    names it; an existing topic keeps its partition count whatever ``partitions`` says.
+    aiokafka reports "already exists" in the response (code 36) rather than raising.
+    """
+    topics = [NewTopic(name, partitions, replication) for name in dict.fromkeys(names)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap(broker_url))
+    try:
+        await admin.start()
+        response = await admin.create_topics(topics)
+    except (KafkaError, OSError) as exc:
+        raise ServiceUnavailable("kafka", f"cannot create topics: {type(exc).__name__}") from None
+    finally:
+        await admin.close()
+    created = []
+    for error in response.topic_errors:
+        name, code = error[0], error[1]
+        if code == 0:
+            created.append(name)
+        elif code != _TOPIC_ALREADY_EXISTS:
+            raise ServiceUnavailable("kafka", f"cannot create topic {name!r}: error code {code}")
+    return created
 
 
 async def ensure_topics(config: Config, names: Iterable[str]) -> None:
-    """Create the topics that do not exist yet, with ``kafka.partitions`` partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(config))
-    try:
-        await admin.start()
-    except (KafkaConnectionError, OSError) as exc:
-        raise ServiceUnavailable(
-            "kafka", f"{config.kafka.broker[0]}: {type(exc).__name__}"
-        ) from None
-    try:
-        existing = set(await admin.list_topics())
-        missing = [n for n in dict.fromkeys(names) if n not in existing]
-        if missing:
-            new = [NewTopic(n, config.kafka.partitions, 1) for n in missing]
-            with contextlib.suppress(TopicAlreadyExistsError):  # created meanwhile elsewhere
-                await admin.create_topics(new)
-    finally:
-        await admin.close()
+    """Create the config's topics that do not exist yet, with ``kafka.partitions`` partitions."""
+    await create_topics(config.kafka.broker, names, config.kafka.partitions)
 
 
 async def start_producer(config: Config) -> AIOKafkaProducer:
     """A started producer that waits for all replicas (``acks=all``)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(config), acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(config.kafka.broker), acks="all")
     try:
         await producer.start()
     except (KafkaError, OSError) as exc:

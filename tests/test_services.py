@@ -21,13 +21,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from enricher.errors import ServiceUnavailable
+from enricher.kafka import create_topics, kafka_bootstrap
 from enricher.services import (
     TANSU_BIN_ENV,
     EmbeddedKafka,
     EmbeddedRedis,
-    create_topics,
     find_free_port,
-    kafka_bootstrap,
     redis_server_binary,
     tansu_binary,
 )
