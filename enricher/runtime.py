@@ -72,9 +72,10 @@ class Runtime(Generic[T]):
         )
 
     async def close(self, grace: float) -> None:
-        """Stop token waits first (no new calls), let running calls finish within ``grace``,
-        abandon the rest unacked, then close connections."""
-        await self.limiter.close()
+        """Take no new event; let in-flight ones finish (tokens still granted) within ``grace``;
+        then cancel what is left (token waits included: PITFALLS 5), leaving it unacked, and
+        close connections. Bounded by ``grace``, so no supervisor has to SIGKILL us."""
         await self.pipeline.close(grace)
+        await self.limiter.close()
         await self.session.close()
         await self.redis.aclose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -124,7 +125,7 @@ async def test_quota_lets_exactly_n_through_and_holds_the_rest_until_raised(
     assert len(got.outputs) == quota and not got.dead_letters
     assert sandbox.stats()["calls"] == quota
     await stack.wait_committed({stack.sent[0][0]: quota})  # the held events stay uncommitted
-    assert worker.stop() == 0  # a held worker still stops cleanly
+    assert await asyncio.to_thread(worker.stop) == 0  # a held worker still stops cleanly
 
     data["apis"]["geo"]["quotas"] = [f"{n + 5}/day"]
     stack.start_worker(stack.write_config(data))
@@ -269,3 +270,55 @@ async def run_gated_api(gate: asyncio.Event) -> GatedApi:
     await site.start()
     port = runner.addresses[0][1]
     return GatedApi(runner, f"http://127.0.0.1:{port}")
+
+
+async def test_sigterm_finishes_in_flight_events_and_restart_duplicates_nothing(
+    stack: Stack, sandbox: SandboxServer
+) -> None:
+    n, rate = 150, 30
+    data = stack.config(rate=f"{rate}/s", burst=5)
+    data["worker"]["in_flight"] = 16
+    config = stack.write_config(data)
+    first = stack.start_worker(config)
+    await stack.produce([(f"u{i % 30}", page_view(i, user=f"u{i % 30}")) for i in range(n)])
+    await stack.collect_at_least(40)
+    started = time.monotonic()
+    # stop in a thread: the sandbox API runs on this test's event loop and must keep answering
+    assert await asyncio.to_thread(first.stop, 10) == 0
+    assert time.monotonic() - started < 10
+    stack.start_worker(config)
+    got = await stack.collect(expected=n)
+    assert set(got.sources) == {f"{stack.topics['input']}/{p}/{o}" for p, o in stack.sent}
+    assert got.duplicates() == 0 and not got.dead_letters
+    assert sandbox.stats()["calls"] == n  # no call made twice either
+
+
+async def test_quota_raised_live_with_limits_set_releases_held_events(
+    stack: Stack, sandbox: SandboxServer
+) -> None:
+    n, quota = 20, 10
+    config = stack.write_config(stack.config(quotas=[f"{quota}/day"]))
+    stack.start_worker(config)
+    await stack.produce([("one-user", page_view(i, user="one-user")) for i in range(n)])
+    got = await stack.collect_at_least(quota)
+    assert len(got.outputs) == quota and sandbox.stats()["calls"] == quota
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "enricher",
+        "limits",
+        "set",
+        "--config",
+        str(config),
+        "geo",
+        "--quota",
+        f"{n}/day",
+    )
+    assert await proc.wait() == 0
+    raised = time.monotonic()
+    first_after = await stack.collect_at_least(quota + 1)
+    # the contract's 2 s, plus the 1 s collect_at_least reads on to see nothing more is coming
+    assert time.monotonic() - raised < 2.0 + 1.0
+    got = await stack.collect(expected=n)
+    assert len(got.outputs) == n and got.duplicates() == 0 and len(first_after.outputs) > quota
+    assert sandbox.stats()["calls"] == n
