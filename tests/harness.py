@@ -63,6 +63,7 @@ class WorkerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=self.log_path.parent,  # Faust writes its <app_id>-data dir in the cwd
             start_new_session=True,
         )
         log.close()
