@@ -5,13 +5,18 @@ overrides + Retry-After blocks, with Redis ``TIME``); a granted caller sleeps it
 then calls, so callers are paced by reservation instead of polling. Keys and TTLs: see
 :mod:`enricher.quota`.
 
+A replay's call (``acquire(api, lane)``) passes the same checks in the same script and, on top,
+its own lane: a bucket of ``share`` of the rate and ``share`` of each quota's remaining budget
+(see the header of ``lua/acquire.lua``), so live calls keep the rest.
+
 When Redis cannot be reached (connection refused, timeout, OSError):
 
 - ``pause``: no call is made. Waiters hold and probe Redis on one shared schedule backing off
   exponentially (50 ms to 2 s); one warning per outage. Calls resume by themselves.
 - ``local``: each worker falls back to :class:`~enricher.local_limiter.LocalFallback` (``rate x
-  local_share``) and probes Redis at the same backoff. When Redis is back, the calls made locally
-  are added to the shared quota counters (``INCRBY``, best effort) and local blocks are pushed.
+  local_share``; a replay's calls ``rate x local_share x share``) and probes Redis at the same
+  backoff. When Redis is back, the calls made locally are added to the shared quota counters
+  (and to the replays' own counters; ``INCRBY``, best effort) and local blocks are pushed.
 
 A Retry-After (``block``) is also kept in-process, so this worker obeys it even if Redis is down.
 """
@@ -28,6 +33,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from .errors import ServiceUnavailable
+from .lanes import Lane
 from .local_limiter import Clock, Decision, LimiterBase, LocalFallback, MemoryLimiter, Sleep
 from .quota import (
     PERIODS,
@@ -39,10 +45,12 @@ from .quota import (
     load_script,
     period_bounds,
     read_usage,
+    replay_usage,
     reset_overrides,
     set_overrides,
     text,
 )
+from .units import QuotaPeriod
 
 __all__ = ["Limiter", "MemoryLimiter", "RedisLimiter", "acquire_args", "parse_reply"]
 
@@ -54,10 +62,14 @@ PROBE_MIN, PROBE_MAX = 0.05, 2.0  # seconds between Redis probes during an outag
 class Limiter(Protocol):
     """What the caller and the worker need from a limiter."""
 
-    async def acquire(self, api: str) -> None:
+    async def acquire(self, api: str, lane: Lane | None = None) -> None:
         """Wait until one call to ``api`` may be made now; takes one token of the API's bucket
         and one unit of each of its quotas. Holds (sleeps, without busy-looping) while a quota is
-        spent or the API is blocked. Raises ShuttingDown if close() is called while waiting."""
+        spent or the API is blocked. Raises ShuttingDown if close() is called while waiting.
+
+        ``lane=None`` is a live call; a replay's call also takes a token of its lane's bucket
+        (``share`` of the rate) and a unit of its share of each quota, and is held while either
+        is spent (its share of a quota until the period ends)."""
 
     async def block(self, api: str, seconds: float) -> None:
         """Pause calls to ``api`` from every worker for ``seconds`` (server's Retry-After)."""
@@ -66,10 +78,14 @@ class Limiter(Protocol):
         """Make pending and later ``acquire`` calls raise ShuttingDown."""
 
 
-def acquire_args(limits: Limits, max_wait: float, now_us: int | None = None) -> list[str]:
-    """ARGV of ``acquire.lua``; ``now_us`` fakes Redis time (tests only)."""
+def acquire_args(
+    limits: Limits, max_wait: float, now_us: int | None = None, share: float | None = None
+) -> list[str]:
+    """ARGV of ``acquire.lua``; ``now_us`` fakes Redis time (tests only); ``share`` is a replay
+    lane's share (with the replay's KEYS, see :meth:`Keys.acquire`), ``None`` for a live call."""
     numbers = [limits.rate, limits.burst, round(max_wait * 1e6), *limits.quota_args()]
-    return [*(repr(n) for n in numbers), "" if now_us is None else str(now_us)]
+    args = [*(repr(n) for n in numbers), "" if now_us is None else str(now_us)]
+    return args if share is None else [*args, repr(float(share))]
 
 
 def parse_reply(reply: list[Any]) -> Decision:
@@ -158,48 +174,53 @@ class RedisLimiter(LimiterBase):
         if api not in self._apis:
             raise ValueError(f"unknown API {api!r}")
 
-    async def _decide(self, api: str) -> Decision:
+    async def _decide(self, api: str, lane: Lane | None) -> Decision:
         now = self._clock()
         if (until := self._local_blocked.get(api, 0.0)) > now:
             return Decision(False, until - now, "blocked")
         if not self._health.may_probe(now):
-            return await self._fallback(api, now)
-        keys = self._keys[api]
+            return await self._fallback(api, now, lane)
+        replay_id, share = (lane.replay_id, lane.share) if lane is not None else (None, None)
         try:
             reply = await asyncio.wait_for(
                 self._acquire_script(
-                    keys=[keys.tat, keys.blocked, keys.overrides, keys.quota_prefix],
-                    args=acquire_args(self._limits[api], self._max_wait),
+                    keys=self._keys[api].acquire(replay_id),
+                    args=acquire_args(self._limits[api], self._max_wait, share=share),
                 ),
                 self._timeout,
             )
         except REDIS_ERRORS as exc:
             self._health.failed(self._clock(), exc)
-            return await self._fallback(api, now)
+            return await self._fallback(api, now, lane)
         except redis.exceptions.RedisError as exc:
             raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
         if self._health.recovered(self._clock()):
             await self._resync()
         decision = parse_reply(reply)
         if self._local is not None:
-            self._local.observe(api, decision, now)
+            self._local.observe(api, decision, now, lane)
         return decision
 
-    async def _fallback(self, api: str, now: float) -> Decision:
+    async def _fallback(self, api: str, now: float, lane: Lane | None) -> Decision:
         if self._local is not None:
-            return await self._local.decide(api)
+            return await self._local.decide(api, lane)
         return Decision(False, max(0.0, self._health.next_probe - now), "redis")
 
     async def _resync(self) -> None:
-        """After an outage: add local calls to the shared quotas and push local blocks."""
+        """After an outage: add local calls to the shared quotas (and replays' used counters)
+        and push local blocks."""
         now = self._clock()
+        counted: list[tuple[str, QuotaPeriod, str, int]] = []
+        if self._local is not None:
+            for (api, period, stamp), count in self._local.take_counts().items():
+                counted.append((self._keys[api].quota(period, stamp), period, stamp, count))
+            for (api, replay_id, period, stamp), count in self._local.take_replay_counts().items():
+                key = self._keys[api].replay_used(replay_id, period, stamp)
+                counted.append((key, period, stamp, count))
         try:
-            for (api, period, stamp), count in (
-                self._local.take_counts() if self._local else {}
-            ).items():
-                end = period_bounds(period, now)[1]
-                if count and period_bounds(period, now)[2] == stamp:
-                    key = self._keys[api].quota(period, stamp)
+            for key, period, stamp, count in counted:
+                _, end, current = period_bounds(period, now)
+                if count and current == stamp:
                     pipe = self._redis.pipeline(transaction=True)
                     pipe.incrby(key, count)
                     pipe.pexpire(key, int((end - now + 60) * 1000))
@@ -232,6 +253,14 @@ class RedisLimiter(LimiterBase):
         """Effective limits and current usage of ``api`` (raises ServiceUnavailable)."""
         self._check(api)
         return await read_usage(self._redis, self._app_id, self._apis[api])
+
+    async def replay_usage(
+        self, api: str, replay_id: str
+    ) -> dict[QuotaPeriod, dict[str, int | None]]:
+        """A replay's ``{period: {"cap": ..., "used": ...}}`` of ``api`` in the current periods
+        (raises ServiceUnavailable); see :func:`enricher.quota.replay_usage`."""
+        self._check(api)
+        return await replay_usage(self._redis, self._app_id, api, replay_id)
 
     async def set_overrides(
         self,

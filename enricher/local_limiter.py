@@ -6,8 +6,9 @@ override is noticed within ``retry_cap``) and ask again. It never busy-loops, an
 cancels every pending sleep or decision so waiters raise :class:`ShuttingDown` at once.
 
 :class:`MemoryLimiter` makes the same decisions as ``lua/acquire.lua`` (GCRA reservation, UTC
-calendar quotas, run-time overrides, Retry-After blocks) for one process with an injectable clock:
-logic tests and the dev stack use it. :class:`LocalFallback` serves ``on_unavailable: local``.
+calendar quotas, run-time overrides, Retry-After blocks, replay lanes) for one process with an
+injectable clock: logic tests and the dev stack use it. :class:`LocalFallback` serves
+``on_unavailable: local``.
 """
 
 from __future__ import annotations
@@ -25,21 +26,24 @@ from typing import Any, TypeVar
 from aiolimiter import AsyncLimiter
 
 from .errors import ShuttingDown
+from .lanes import Lane
 from .quota import PERIODS, ApiLimits, ApiUsage, Limits, override_fields, period_bounds
 from .units import QuotaPeriod
 
-__all__ = ["Decision", "LimiterBase", "LocalFallback", "MemoryLimiter", "gcra"]
+__all__ = ["Decision", "LimiterBase", "LocalFallback", "MemoryLimiter", "gcra", "gcra_slot"]
 
 T = TypeVar("T")
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+REPLAY_SPREAD_MIN = 0.01  # seconds: the least retry spread of replays refused by their own bucket
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     """One answer: granted (sleep ``wait`` seconds, then call) or refused (ask after ``wait``).
 
-    ``reason`` of a refusal: ``blocked``, ``quota:<period>``, ``rate`` or ``redis`` (unreachable).
+    ``reason`` of a refusal: ``blocked``, ``quota:<period>``, ``rate``, ``redis`` (unreachable),
+    and for a replay's call ``replay-quota:<period>`` (its share is used) or ``replay-rate``.
     ``remaining`` is each quota's remainder after the decision; ``rate`` the effective calls/s.
     """
 
@@ -57,6 +61,12 @@ def gcra(tat: float, now: float, rate: float, burst: int) -> tuple[float, float]
     return max(0.0, new_tat - burst * interval - now), new_tat
 
 
+def gcra_slot(tat: float, now: float, rate: float, burst: int) -> float:
+    """The earliest moment one more call conforms to a GCRA bucket (seconds); after a call at
+    ``slot`` the bucket's TAT becomes ``max(tat, slot) + 1 / rate``."""
+    return max(now, tat - (burst - 1) / rate)
+
+
 class LimiterBase:
     """The acquire loop and prompt shutdown; subclasses provide ``_decide`` and ``_check``."""
 
@@ -67,11 +77,13 @@ class LimiterBase:
         self._closed = False
         self._pending: set[asyncio.Future[Any]] = set()
 
-    async def acquire(self, api: str) -> None:
-        """Wait until one call to ``api`` may start; raises ShuttingDown once closed."""
+    async def acquire(self, api: str, lane: Lane | None = None) -> None:
+        """Wait until one call to ``api`` may start; raises ShuttingDown once closed.
+
+        ``lane`` is a replay's lane (``None``: a live call); see ``lua/acquire.lua``."""
         self._check(api)
         while True:
-            decision = await self._guarded(self._decide(api))
+            decision = await self._guarded(self._decide(api, lane))
             if decision.granted:
                 if decision.wait > 0:
                     await self._guarded(self._sleep(decision.wait))
@@ -84,7 +96,7 @@ class LimiterBase:
         for future in list(self._pending):
             future.cancel()
 
-    async def _decide(self, api: str) -> Decision:
+    async def _decide(self, api: str, lane: Lane | None) -> Decision:
         raise NotImplementedError
 
     def _check(self, api: str) -> None:
@@ -92,7 +104,12 @@ class LimiterBase:
 
     def _retry_delay(self, decision: Decision) -> float:
         # Refused callers spread their retries (jitter) so they do not all ask at the same instant.
-        spread = self._max_wait / 2 if decision.reason == "rate" else 0.05
+        if decision.reason == "replay-rate":
+            # A replay's own bucket frees its next slot in ``wait``: spread over about that long,
+            # so the first of many waiters comes back soon after it (the lane keeps its pace).
+            spread = min(max(decision.wait, REPLAY_SPREAD_MIN), self._max_wait / 2)
+        else:
+            spread = self._max_wait / 2 if decision.reason == "rate" else 0.05
         return min(decision.wait + random.uniform(0, spread), self._retry_cap)
 
     async def _guarded(self, step: Awaitable[T]) -> T:
@@ -134,15 +151,19 @@ class MemoryLimiter(LimiterBase):
         self._blocked: dict[str, float] = {}
         self._overrides: dict[str, dict[str, str]] = defaultdict(dict)
         self._used: dict[tuple[str, QuotaPeriod], tuple[str, int]] = {}
+        # replays, by (api, replay id): own TAT, and per period (stamp, cap) and (stamp, used)
+        self._replay_tat: dict[tuple[str, str], float] = {}
+        self._replay_cap: dict[tuple[str, str, QuotaPeriod], tuple[str, int]] = {}
+        self._replay_used: dict[tuple[str, str, QuotaPeriod], tuple[str, int]] = {}
 
     def _check(self, api: str) -> None:
         if api not in self._apis:
             raise ValueError(f"unknown API {api!r}")
 
-    async def _decide(self, api: str) -> Decision:
-        return self.decide(api)
+    async def _decide(self, api: str, lane: Lane | None) -> Decision:
+        return self.decide(api, lane)
 
-    def decide(self, api: str) -> Decision:
+    def decide(self, api: str, lane: Lane | None = None) -> Decision:
         """One decision now, reserving when granted (the same steps as ``acquire.lua``)."""
         now = self._clock()
         limits = Limits.of(self._apis[api]).overridden(self._overrides[api])
@@ -154,18 +175,65 @@ class MemoryLimiter(LimiterBase):
             if used[period] >= limits.quotas[period]:
                 end = period_bounds(period, now)[1]
                 return Decision(False, end - now, f"quota:{period}", remaining, limits.rate)
-        wait, new_tat = gcra(self._tat.get(api, 0.0), now, limits.rate, limits.burst)
+        caps: dict[QuotaPeriod, int] = {}
+        if lane is not None:
+            for period in (p for p in PERIODS if p in limits.quotas):
+                _, end, stamp = period_bounds(period, now)
+                held = self._replay_cap.get((api, lane.replay_id, period))
+                cap = held[1] if held and held[0] == stamp else None
+                caps[period] = math.floor(lane.share * remaining[period]) if cap is None else cap
+                if self._replay_count(api, lane.replay_id, period, now) >= caps[period]:
+                    reason = f"replay-quota:{period}"
+                    return Decision(False, end - now, reason, remaining, limits.rate)
+        tat = self._tat.get(api, 0.0)
+        slot = gcra_slot(tat, now, limits.rate, limits.burst)
+        if lane is not None:  # never past the shared TAT: see the header of lua/acquire.lua
+            replay_rate, replay_burst = limits.replay_bucket(lane.share)
+            replay_tat = self._replay_tat.get((api, lane.replay_id), 0.0)
+            replay_slot = gcra_slot(replay_tat, now, replay_rate, replay_burst)
+            if replay_slot > (horizon := max(now, tat)):
+                return Decision(False, replay_slot - horizon, "replay-rate", remaining, limits.rate)
+            slot = max(slot, replay_slot)
+        wait = slot - now
         if wait > self._max_wait:
             return Decision(False, wait - self._max_wait, "rate", remaining, limits.rate)
-        self._tat[api] = new_tat
+        self._tat[api] = max(tat, slot) + 1 / limits.rate
+        if lane is not None:
+            self._replay_tat[api, lane.replay_id] = max(replay_tat, slot) + 1 / replay_rate
         for period in limits.quotas:
-            self._used[api, period] = (period_bounds(period, now)[2], used[period] + 1)
+            stamp = period_bounds(period, now)[2]
+            self._used[api, period] = (stamp, used[period] + 1)
             remaining[period] = max(0, remaining[period] - 1)
+            if lane is not None:
+                key = (api, lane.replay_id, period)
+                self._replay_cap[key] = (stamp, caps[period])
+                count = self._replay_count(api, lane.replay_id, period, now)
+                self._replay_used[key] = (stamp, count + 1)
         return Decision(True, wait, "", remaining, limits.rate)
 
     def _count(self, api: str, period: QuotaPeriod, now: float) -> int:
         stamp, count = self._used.get((api, period), ("", 0))
         return count if stamp == period_bounds(period, now)[2] else 0
+
+    def _replay_count(self, api: str, replay_id: str, period: QuotaPeriod, now: float) -> int:
+        stamp, count = self._replay_used.get((api, replay_id, period), ("", 0))
+        return count if stamp == period_bounds(period, now)[2] else 0
+
+    async def replay_usage(
+        self, api: str, replay_id: str
+    ) -> dict[QuotaPeriod, dict[str, int | None]]:
+        """A replay's ``{period: {"cap": ..., "used": ...}}`` in the current periods."""
+        self._check(api)
+        now = self._clock()
+        usage: dict[QuotaPeriod, dict[str, int | None]] = {}
+        for period in PERIODS:
+            held = self._replay_cap.get((api, replay_id, period))
+            if held and held[0] == period_bounds(period, now)[2]:
+                usage[period] = {
+                    "cap": held[1],
+                    "used": self._replay_count(api, replay_id, period, now),
+                }
+        return usage
 
     async def block(self, api: str, seconds: float) -> None:
         """Refuse calls to ``api`` for ``seconds`` (never shortens a longer block)."""
@@ -210,6 +278,10 @@ class LocalFallback:
     Quotas: in the period last seen from Redis, at most ``share`` of what was then remaining; in a
     new period, ``share`` of the configured limit. Calls made here are counted per period so the
     Redis limiter can add them to the shared counters when Redis is back (best effort).
+
+    A replay's call (``lane``) takes from those and from its own lane: a bucket of ``rate x share x
+    lane.share`` calls/s, and per period at most ``lane.share`` of the local quota allowance
+    (none at all in a period where Redis said the replay had used its share).
     """
 
     def __init__(self, apis: Mapping[str, ApiLimits], share: float, clock: Clock) -> None:
@@ -218,11 +290,15 @@ class LocalFallback:
         self._clock = clock
         self._seen: dict[str, dict[QuotaPeriod, tuple[str, int]]] = {}
         self._rates: dict[str, float] = {}
-        self._buckets: dict[str, tuple[float, AsyncLimiter]] = {}
+        # by (api, replay id or None for the shared bucket): (rate, bucket)
+        self._buckets: dict[tuple[str, str | None], tuple[float, AsyncLimiter]] = {}
         self._counts: dict[tuple[str, QuotaPeriod, str], int] = defaultdict(int)
+        self._replay_counts: dict[tuple[str, str, QuotaPeriod, str], int] = defaultdict(int)
+        self._replay_spent: set[tuple[str, str, QuotaPeriod, str]] = set()
 
-    def observe(self, api: str, decision: Decision, now: float) -> None:
-        """Remember what Redis said (quota remaining, effective rate) for a later outage.
+    def observe(self, api: str, decision: Decision, now: float, lane: Lane | None = None) -> None:
+        """Remember what Redis said (quota remaining, effective rate, a replay's spent share)
+        for a later outage.
 
         Replies to concurrent calls arrive in any order, so within one period the smallest
         remainder seen is kept (conservative: an outage never spends more than was left).
@@ -236,24 +312,43 @@ class LocalFallback:
         self._seen[api] = seen
         if decision.rate is not None:
             self._rates[api] = decision.rate
+        if lane is not None and decision.reason.startswith("replay-quota:"):
+            period = next(p for p in PERIODS if decision.reason == f"replay-quota:{p}")
+            self._replay_spent.add((api, lane.replay_id, period, period_bounds(period, now)[2]))
 
-    async def decide(self, api: str) -> Decision:
-        """Take one local token and one unit of each local quota allowance."""
+    async def decide(self, api: str, lane: Lane | None = None) -> Decision:
+        """Take one local token and one unit of each local quota allowance (and of the lane's)."""
         now = self._clock()
         stamps: list[tuple[QuotaPeriod, str]] = []
         for period, base in self._quota_bases(api, now):
             _, end, stamp = period_bounds(period, now)
-            if self._counts[api, period, stamp] >= math.floor(base * self._share):
+            allowance = math.floor(base * self._share)
+            if self._counts[api, period, stamp] >= allowance:
                 return Decision(False, end - now, f"quota:{period}")
+            if lane is not None:
+                key = (api, lane.replay_id, period, stamp)
+                lane_allowance = math.floor(base * self._share * lane.share)
+                if key in self._replay_spent or self._replay_counts[key] >= lane_allowance:
+                    return Decision(False, end - now, f"replay-quota:{period}")
             stamps.append((period, stamp))
         for period, stamp in stamps:  # counted before waiting: a cancelled wait overcounts
             self._counts[api, period, stamp] += 1
-        await self._bucket(api).acquire()
+            if lane is not None:
+                self._replay_counts[api, lane.replay_id, period, stamp] += 1
+        if lane is not None:
+            await self._bucket(api, lane).acquire()
+        await self._bucket(api, None).acquire()
         return Decision(True, 0.0)
 
     def take_counts(self) -> dict[tuple[str, QuotaPeriod, str], int]:
         """The calls made locally per ``(api, period, stamp)`` since the last take."""
         counts, self._counts = dict(self._counts), defaultdict(int)
+        return counts
+
+    def take_replay_counts(self) -> dict[tuple[str, str, QuotaPeriod, str], int]:
+        """Replays' calls made locally per ``(api, replay id, period, stamp)`` (also counted in
+        :meth:`take_counts`) since the last take."""
+        counts, self._replay_counts = dict(self._replay_counts), defaultdict(int)
         return counts
 
     def _quota_bases(self, api: str, now: float) -> list[tuple[QuotaPeriod, int]]:
@@ -267,11 +362,14 @@ class LocalFallback:
                 bases.append((period, configured.get(period, last[1] if last else 0)))
         return bases
 
-    def _bucket(self, api: str) -> AsyncLimiter:
-        rate = self._rates.get(api, self._limits[api].rate) * self._share
-        known = self._buckets.get(api)
+    def _bucket(self, api: str, lane: Lane | None) -> AsyncLimiter:
+        """The API's local bucket, or (``lane`` given) that replay's own local bucket."""
+        share = self._share * (lane.share if lane is not None else 1.0)
+        rate = self._rates.get(api, self._limits[api].rate) * share
+        key = (api, lane.replay_id if lane is not None else None)
+        known = self._buckets.get(key)
         if known is None or known[0] != rate:
-            size = max(1.0, self._limits[api].burst * self._share)
+            size = max(1.0, self._limits[api].burst * share)
             known = (rate, AsyncLimiter(size, size / rate))
-            self._buckets[api] = known
+            self._buckets[key] = known
         return known[1]

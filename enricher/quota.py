@@ -3,11 +3,17 @@
 Key layout (``<prefix>`` is ``enricher:{<app_id>:<api>}:``; the ``{...}`` hash tag puts every key
 of one API in one Redis Cluster slot, so one script can touch them all atomically):
 
-    key                             value                            TTL
-    <prefix>tat                     GCRA theoretical arrival, µs     until the bucket is full + 1 s
-    <prefix>blocked                 "blocked until" (Retry-After)    until the block ends + 1 s
-    <prefix>overrides               hash: rate, burst, quota:<p>     30 days, renewed by limits set
-    <prefix>quota:<period>:<stamp>  calls granted in that period     until the period ends + 60 s
+    key                               value                           TTL
+    <prefix>tat                       GCRA theoretical arrival, µs    until the bucket is full + 1 s
+    <prefix>blocked                   "blocked until" (Retry-After)   until the block ends + 1 s
+    <prefix>overrides                 hash: rate, burst, quota:<p>    30 days, renewed by limits set
+    <prefix>quota:<period>:<stamp>    calls granted in that period    until the period ends + 60 s
+    <prefix>replay:<id>:tat           a replay's own GCRA TAT, µs     until the bucket is full + 1 s
+    <prefix>replay:<id>:cap:<p>:<s>   units the replay may use there  until the period ends + 60 s
+    <prefix>replay:<id>:used:<p>:<s>  units the replay used there     until the period ends + 60 s
+
+A replay's cap is ``floor(share x remaining)`` at its first granted call in the period (SET NX);
+its calls also count in the shared ``quota`` counters and take slots of the shared bucket.
 
 Quota periods are UTC calendar periods; stamps read ``2025-01-31T12:34`` (minute),
 ``2025-01-31T12`` (hour), ``2025-01-31`` (day) and ``2025-01`` (month). The Lua scripts compute
@@ -42,6 +48,7 @@ __all__ = [
     "override_fields",
     "period_bounds",
     "read_usage",
+    "replay_usage",
     "reset_overrides",
     "set_overrides",
 ]
@@ -110,6 +117,10 @@ class Limits:
             burst=int(float(burst)) if burst is not None else self.burst,
             quotas={p: n for p, n in quotas.items() if n >= 0},
         )
+
+    def replay_bucket(self, share: float) -> tuple[float, int]:
+        """A replay lane's own bucket: ``(rate x share, max(1, floor(burst x share)))``."""
+        return self.rate * share, max(1, math.floor(self.burst * share))
 
     def quota_args(self) -> list[int]:
         """Quota limits for minute, hour, day, month as the scripts take them (-1 = none)."""
@@ -187,6 +198,25 @@ class Keys:
 
     def quota(self, period: QuotaPeriod, stamp: str) -> str:
         return f"{self.quota_prefix}{period}:{stamp}"
+
+    def replay_prefix(self, replay_id: str) -> str:
+        return f"{self.prefix}replay:{replay_id}:"
+
+    def replay_tat(self, replay_id: str) -> str:
+        return self.replay_prefix(replay_id) + "tat"
+
+    def replay_cap(self, replay_id: str, period: QuotaPeriod, stamp: str) -> str:
+        return f"{self.replay_prefix(replay_id)}cap:{period}:{stamp}"
+
+    def replay_used(self, replay_id: str, period: QuotaPeriod, stamp: str) -> str:
+        return f"{self.replay_prefix(replay_id)}used:{period}:{stamp}"
+
+    def acquire(self, replay_id: str | None = None) -> list[str]:
+        """KEYS of ``acquire.lua``: four for a live call, six for a replay's call."""
+        keys = [self.tat, self.blocked, self.overrides, self.quota_prefix]
+        if replay_id is not None:
+            keys += [self.replay_tat(replay_id), self.replay_prefix(replay_id)]
+        return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +320,36 @@ async def read_usage(client: aioredis.Redis, app_id: str, api: ApiLimits) -> Api
     used = {p: int(text(c)) for p, c in zip(PERIODS, counts, strict=True) if c is not None}
     blocked_until = int(text(blocked)) / 1e6 if blocked is not None else 0.0
     return ApiUsage.build(api, overrides, used, blocked_until, now)
+
+
+async def replay_usage(
+    client: aioredis.Redis, app_id: str, api: str, replay_id: str
+) -> dict[QuotaPeriod, dict[str, int | None]]:
+    """A replay's quota share of ``api`` in the current periods (``replay status``).
+
+    ``{period: {"cap": units it may use, "used": units it used}}`` for each period in which the
+    replay was granted a call (``cap`` is ``None`` if only calls made while Redis was unreachable
+    were counted). Raises ServiceUnavailable.
+    """
+    keys = Keys.of(app_id, api)
+    try:
+        now = await redis_now(client)
+        stamps = {p: period_bounds(p, now)[2] for p in PERIODS}
+        pipe = client.pipeline(transaction=False)
+        for period, stamp in stamps.items():
+            pipe.get(keys.replay_cap(replay_id, period, stamp))
+            pipe.get(keys.replay_used(replay_id, period, stamp))
+        values = await pipe.execute()
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable("redis", str(exc)) from exc
+    usage: dict[QuotaPeriod, dict[str, int | None]] = {}
+    for period, cap, used in zip(PERIODS, values[::2], values[1::2], strict=True):
+        if cap is not None or used is not None:
+            usage[period] = {
+                "cap": int(text(cap)) if cap is not None else None,
+                "used": int(text(used)) if used is not None else 0,
+            }
+    return usage
 
 
 async def set_overrides(

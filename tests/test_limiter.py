@@ -1,5 +1,6 @@
-"""The limiters: one contract suite over MemoryLimiter and RedisLimiter, then Redis-only checks
-(several workers, key TTLs, the Lua calendar, outages) against a private redis-server."""
+"""The limiters: one contract suite over MemoryLimiter and RedisLimiter (live calls and replay
+lanes), then Redis-only checks (several workers, key TTLs, the Lua calendar, outages) against a
+private redis-server."""
 
 from __future__ import annotations
 
@@ -19,14 +20,20 @@ import redis.asyncio as aioredis
 
 from enricher.config import ApiSettings
 from enricher.errors import ShuttingDown
+from enricher.lanes import Lane
 from enricher.limiter import MemoryLimiter, RedisLimiter, acquire_args, parse_reply
-from enricher.quota import ApiUsage, Keys, Limits, load_script, period_bounds
+from enricher.local_limiter import Decision, LocalFallback
+from enricher.quota import PERIODS, ApiUsage, Keys, Limits, load_script, period_bounds
 from enricher.services import EmbeddedRedis
 from enricher.units import QuotaPeriod
 
 
 class AnyLimiter(Protocol):
-    async def acquire(self, api: str) -> None: ...
+    async def acquire(self, api: str, lane: Lane | None = None) -> None: ...
+    async def _decide(self, api: str, lane: Lane | None) -> Decision: ...
+    async def replay_usage(
+        self, api: str, replay_id: str
+    ) -> dict[QuotaPeriod, dict[str, int | None]]: ...
     async def block(self, api: str, seconds: float) -> None: ...
     async def close(self) -> None: ...
     async def usage(self, api: str) -> ApiUsage: ...
@@ -60,14 +67,36 @@ def max_in_window(times: Sequence[float], width: float) -> int:
     return max(bisect.bisect_left(ordered, t + width) - i for i, t in enumerate(ordered))
 
 
-async def timed_acquires(limiter: AnyLimiter, api: str, n: int) -> list[float]:
+async def timed_acquires(
+    limiter: AnyLimiter, api: str, n: int, lane: Lane | None = None
+) -> list[float]:
     loop = asyncio.get_running_loop()
 
     async def one() -> float:
-        await limiter.acquire(api)
+        await limiter.acquire(api, lane)
         return loop.time()
 
     return sorted(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def saturate(
+    limiter: AnyLimiter, api: str, lane: Lane | None, tasks: int, seconds: float
+) -> list[float]:
+    """``tasks`` callers acquiring in a loop for ``seconds``: the grant times."""
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def caller() -> None:
+        while True:
+            await limiter.acquire(api, lane)
+            times.append(loop.time())
+
+    callers = [asyncio.create_task(caller()) for _ in range(tasks)]
+    await asyncio.sleep(seconds)
+    for task in callers:
+        task.cancel()
+    await asyncio.gather(*callers, return_exceptions=True)
+    return times
 
 
 async def still_waiting(task: asyncio.Task[Any], seconds: float) -> bool:
@@ -250,6 +279,100 @@ async def test_rejects_unknown_api_and_bad_overrides(make: Factory) -> None:
         await limiter.set_overrides("geo", quotas={"week": 3})
 
 
+# --- contract: replay lanes -------------------------------------------------------------------
+
+
+async def test_replay_lane_is_paced_at_its_share_of_the_rate(make: Factory) -> None:
+    limiter = make(apis(("geo", "40/s", 4, ())))
+    await asyncio.gather(*(limiter.usage("geo") for _ in range(12)))  # open the connections
+    start = asyncio.get_running_loop().time()
+    times = await timed_acquires(limiter, "geo", 12, Lane("r1", 0.25))  # 10/s, burst 1
+
+    assert max_in_window(times, 1.0) <= 10 + 1
+    assert 1.1 - 0.02 <= times[-1] - start <= 1.1 + 0.4  # 11 intervals of 0.1 s, not starved
+    # live calls still find their burst: the replay took single slots of the shared bucket
+    live = await timed_acquires(limiter, "geo", 3)
+    assert live[-1] - times[-1] < 0.05
+
+
+async def test_live_keeps_the_rest_while_a_replay_saturates_its_share(make: Factory) -> None:
+    rate, burst, share, seconds = 40, 4, 0.25, 1.8
+    limiter = make(apis(("geo", f"{rate}/s", burst, ())))
+    await asyncio.gather(*(limiter.usage("geo") for _ in range(16)))
+    start = asyncio.get_running_loop().time()
+    live, replay = await asyncio.gather(
+        saturate(limiter, "geo", None, 8, seconds),
+        saturate(limiter, "geo", Lane("r1", share), 8, seconds),
+    )
+    live = [t for t in live if t < start + seconds]
+    replay = [t for t in replay if t < start + seconds]
+
+    assert max_in_window(live + replay, 1.0) <= burst + rate  # the API's limit holds
+    assert max_in_window(replay, 1.0) <= share * rate + 1
+    assert len(replay) <= share * rate * seconds + 1
+    assert len(replay) >= 0.6 * share * rate * seconds  # the replay makes progress ...
+    assert len(live) >= 0.85 * (1 - share) * rate * seconds  # ... and live keeps the rest
+
+
+async def test_replay_takes_its_share_of_a_quota_and_leaves_live_the_rest(make: Factory) -> None:
+    limiter = make(apis(("geo", "1000/s", 100, ["100/day"])), retry_cap=0.3)
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire("geo") for _ in range(40))), 2)
+    lane = Lane("r1", 0.5)  # its cap: floor(0.5 x the 60 left) = 30
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire("geo", lane) for _ in range(30))), 2)
+    held = asyncio.create_task(limiter.acquire("geo", lane))
+    assert await still_waiting(held, 0.4)
+    refused = await limiter._decide("geo", lane)
+    assert (refused.granted, refused.reason) == (False, "replay-quota:day")
+    day_end = period_bounds("day", time.time())[1]
+    assert abs(refused.wait - (day_end - time.time())) < 2
+    assert await limiter.replay_usage("geo", "r1") == {"day": {"cap": 30, "used": 30}}
+    assert [q.remaining for q in (await limiter.usage("geo")).quotas] == [30]
+
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire("geo") for _ in range(30))), 2)
+    spent = await limiter._decide("geo", None)
+    assert (spent.granted, spent.reason) == (False, "quota:day")
+    assert [q.used for q in (await limiter.usage("geo")).quotas] == [100]
+    assert not held.done()
+    held.cancel()
+
+
+async def test_replays_have_independent_buckets_and_caps(make: Factory) -> None:
+    limiter = make(apis(("geo", "40/s", 4, ()), ("paid", "1000/s", 100, ["100/day"])))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await limiter.acquire("geo", Lane("a", 0.25))  # each replay has its own burst of 1 ...
+    await limiter.acquire("geo", Lane("b", 0.25))
+    assert loop.time() - start < 0.05
+    await limiter.acquire("geo", Lane("a", 0.25))  # ... and waits 0.1 s for its next slot
+    assert 0.08 <= loop.time() - start <= 0.3
+
+    a, b = Lane("a", 0.5), Lane("b", 0.5)
+    await asyncio.gather(*(limiter.acquire("paid", a) for _ in range(10)))  # cap 50 of 100
+    await limiter.acquire("paid", b)  # cap: half of the 90 left
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire("paid", a) for _ in range(40))), 2)
+    assert (await limiter._decide("paid", a)).reason == "replay-quota:day"
+    await asyncio.wait_for(limiter.acquire("paid", b), 1)  # b is not held by a's cap
+    assert await limiter.replay_usage("paid", "a") == {"day": {"cap": 50, "used": 50}}
+    assert await limiter.replay_usage("paid", "b") == {"day": {"cap": 45, "used": 2}}
+    assert await limiter.replay_usage("paid", "c") == {}
+
+
+async def test_local_fallback_gives_a_replay_its_share_of_the_local_share() -> None:
+    local = LocalFallback(apis(("geo", "80/s", 8, ["40/day"])), 0.25, time.time)
+    lane = Lane("r1", 0.5)  # locally 80 x 0.25 x 0.5 = 10/s, burst 1; 5 of the 10 local units
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    granted = [await local.decide("geo", lane) for _ in range(5)]
+    assert all(d.granted for d in granted)
+    assert 0.35 <= loop.time() - start <= 0.6
+    assert (await local.decide("geo", lane)).reason == "replay-quota:day"
+    live = [await local.decide("geo") for _ in range(5)]  # live keeps the other 5
+    assert all(d.granted for d in live)
+    assert (await local.decide("geo")).reason == "quota:day"
+    assert sum(local.take_replay_counts().values()) == 5
+    assert sum(local.take_counts().values()) == 10
+
+
 async def test_memory_quota_holds_until_the_month_resets() -> None:
     now = [datetime(2024, 1, 31, 23, 59, 58, tzinfo=UTC).timestamp()]
     sleeps: list[float] = []
@@ -307,6 +430,7 @@ async def test_every_key_has_a_ttl(
         await limiter.acquire("geo")
     await limiter.set_overrides("geo", rate=50.0, quotas={"day": 500})
     await limiter.acquire("geo")
+    await limiter.acquire("geo", Lane("r1", 0.5))
     await limiter.block("geo", 5)
 
     keys = sorted([k.decode() async for k in redis_client.scan_iter("*")])
@@ -317,9 +441,14 @@ async def test_every_key_has_a_ttl(
         "blocked",
         "overrides",
         "quota",
+        "replay",
     }
-    assert len(keys) == 7 and all(k.startswith(prefix) for k in keys)
+    assert len(keys) == 7 + 9 and all(k.startswith(prefix) for k in keys)
     assert any(k.endswith(stamps[2]) for k in keys)
+    replay_keys = [k.removeprefix(prefix + "replay:r1:") for k in keys if ":replay:" in k]
+    periods = zip(PERIODS, stamps, strict=True)
+    expected = ["tat"] + [f"{kind}:{p}:{st}" for p, st in periods for kind in ("cap", "used")]
+    assert sorted(replay_keys) == sorted(expected)
     for key in keys:
         assert await redis_client.pttl(key) > 0, key
 
@@ -370,6 +499,21 @@ async def test_lua_calendar_periods_match_the_python_twin(
         assert (refused.granted, refused.reason) == (False, f"quota:{period}")
         assert refused.wait == math.ceil(end * 1e6 - now_us) / 1e6
 
+        # A replay's cap and use live in the same calendar period (half of 4 left: 2).
+        keys = Keys.of("cal", f"replay-{period}-{moment}")
+        args = acquire_args(Limits(1000.0, 10, {period: 4}), 1.0, now_us, share=0.5)
+        for _ in range(2):
+            replayed = parse_reply(await script(keys=keys.acquire("r"), args=args))
+            assert replayed.granted
+        for key in (keys.replay_cap("r", period, stamp), keys.replay_used("r", period, stamp)):
+            assert await redis_client.get(key) == b"2"
+            assert abs(await redis_client.pttl(key) - expected_ttl_ms) < 1500
+        assert await redis_client.pttl(keys.replay_tat("r")) > 0
+        refused = parse_reply(await script(keys=keys.acquire("r"), args=args))
+        assert (refused.granted, refused.reason) == (False, f"replay-quota:{period}")
+        assert refused.wait == math.ceil(end * 1e6 - now_us) / 1e6
+        assert dict(refused.remaining) == {period: 2}  # live keeps the other half
+
 
 def test_python_calendar_twin() -> None:
     def bounds(period: QuotaPeriod, moment: str) -> tuple[str, str, str]:
@@ -399,8 +543,9 @@ async def test_pause_mode_makes_no_call_while_redis_is_down(
     own_server.stop()
     caplog.set_level(logging.WARNING, logger="enricher.limiter")
     waiters = [asyncio.create_task(limiter.acquire("geo")) for _ in range(5)]
+    waiters.append(asyncio.create_task(limiter.acquire("geo", Lane("r1", 0.5))))
     done, _ = await asyncio.wait(waiters, timeout=1.0)
-    assert not done  # no token, no call
+    assert not done  # no token, no call (replays included)
 
     restarted_at = time.monotonic()
     await asyncio.to_thread(own_server.start)
@@ -426,17 +571,26 @@ async def test_local_mode_calls_at_the_local_share_while_redis_is_down(
     times = await asyncio.wait_for(timed_acquires(limiter, "fast", 20), 5)
     assert 0.8 <= times[-1] - start <= 1.6
     assert max_in_window(times, 0.5) <= 16
-    # Quota: a quarter of the 20 remaining when Redis was last seen.
-    await asyncio.wait_for(asyncio.gather(*(limiter.acquire("geo") for _ in range(5))), 1)
+    # Quota: a quarter of the 20 remaining when Redis was last seen; a replay with a share of
+    # 0.5 gets half of that quarter (2), live calls the rest.
+    lane = Lane("r1", 0.5)
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire("geo", lane) for _ in range(2))), 1)
+    held_replay = asyncio.create_task(limiter.acquire("geo", lane))
+    await asyncio.wait_for(asyncio.gather(*(limiter.acquire("geo") for _ in range(3))), 1)
     sixth = asyncio.create_task(limiter.acquire("geo"))
     assert await still_waiting(sixth, 0.5)
+    assert not held_replay.done()
 
     await asyncio.to_thread(own_server.start)  # empty: nothing was persisted
-    await asyncio.wait_for(sixth, 4)
+    await asyncio.wait_for(asyncio.gather(sixth, held_replay), 4)
     client = aioredis.Redis.from_url(own_server.url)
     try:
-        key = Keys.of("test", "geo").quota("day", period_bounds("day", time.time())[2])
-        assert await client.get(key) == b"6"  # the 5 local calls were added back, then 1 more
+        keys, stamp = Keys.of("test", "geo"), period_bounds("day", time.time())[2]
+        key = keys.quota("day", stamp)
+        assert await client.get(key) == b"7"  # the 5 local calls were added back, then 2 more
         assert await client.pttl(key) > 0
+        used = keys.replay_used("r1", "day", stamp)
+        assert await client.get(used) == b"3"  # the replay's 2 local calls, then 1 more
+        assert await client.pttl(used) > 0
     finally:
         await client.aclose()

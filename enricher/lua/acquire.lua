@@ -1,6 +1,7 @@
 -- acquire.lua: one atomic decision "may one call to this API start, and when?" (GCRA reservation
--- plus UTC calendar quotas). Units: times are integer microseconds since the Unix epoch taken from
--- Redis TIME (never the client's clock); rates are calls per second; max_wait is microseconds.
+-- plus UTC calendar quotas, and for a replay its own lane). Units: times are integer microseconds
+-- since the Unix epoch taken from Redis TIME (never the client's clock); rates are calls per
+-- second; max_wait is microseconds.
 --
 -- KEYS[1]  <prefix>tat        theoretical arrival time of the next call (GCRA), string of µs
 -- KEYS[2]  <prefix>blocked    the API's "blocked until" (server Retry-After, see block.lua), µs
@@ -9,17 +10,50 @@
 --          (e.g. "day:2025-01-31"), because the period depends on Redis time. <prefix> is
 --          "enricher:{<app_id>:<api>}:", so every key shares the {<app_id>:<api>} hash tag and
 --          Redis Cluster routes them all to one slot.
+-- KEYS[5]  <prefix>replay:<id>:tat  (replay calls only) the replay's own GCRA TAT, µs
+-- KEYS[6]  <prefix>replay:<id>:     (replay calls only) prefix of the replay's per-period keys;
+--          the script appends "cap:<period>:<stamp>" (units the replay may use in that period)
+--          and "used:<period>:<stamp>" (units it used).
 -- ARGV[1]  rate (calls/s, > 0)   ARGV[2] burst (calls, >= 1)   ARGV[3] max_wait (µs)
 -- ARGV[4..7]  quota limits for minute, hour, day, month (-1 = no such quota)
 -- ARGV[8]  optional fake "now" in µs, for tests only; empty = Redis TIME
+-- ARGV[9]  replay share in (0, 1]; absent or empty = a live call (KEYS[5..6] are then unused)
 --
 -- Returns {granted, wait_us, reason, rem_minute, rem_hour, rem_day, rem_month, rate}:
 --   granted 1: a slot is reserved, the caller sleeps wait_us and then calls (pacing by reservation);
---   granted 0: nothing changed; reason is "blocked", "quota:<period>" or "rate" and wait_us is
---              how long until asking again can succeed.
---   rem_*: quota left in the current period after this decision (-1 = no such quota);
+--   granted 0: nothing changed; reason is "blocked", "quota:<period>", "replay-quota:<period>",
+--              "rate" or "replay-rate", and wait_us is how long until asking again can succeed.
+--   rem_*: the API's (shared) quota left in the current period after this decision (-1 = none);
 --   rate: the effective rate (calls/s, as a string) so a worker can fall back to it locally.
 -- Every key written gets a TTL: a crash can never leave an immortal key.
+--
+-- Replay lane. A replay call must pass everything a live call passes (block, the shared quotas,
+-- the shared bucket) and counts against the shared bucket and quota counters like a live call.
+-- On top of that:
+--   * its own GCRA bucket: rate x share, burst max(1, floor(burst x share)), of the effective
+--     (overridden) rate and burst. The call's slot is the later of the two buckets' allow times,
+--     and both TATs advance from that slot (max(tat, slot) + interval), so each bucket sees the
+--     call exactly where it happens and neither is ever exceeded (the GCRA bound "at most
+--     burst + rate x w calls in any window w" only needs each TAT to grow by >= one interval per
+--     call and never lag the slot it granted, whatever the order of the decisions);
+--   * the replay's slot may not lie past the shared TAT (max(now, tat)); if its own bucket's
+--     slot does, the call is refused ("replay-rate", wait = how far past it lies). One TAT
+--     cannot hold holes: a replay slot reserved beyond it would push the shared TAT there and
+--     waste every shared slot in between (measured: live got 12/s of 40/s against a 10/s
+--     replay). Within the shared TAT, max(tat, slot) = max(tat, now), so a replay call advances
+--     the shared bucket by exactly one interval, like a live call: nothing is wasted. So a
+--     replay reserves ahead on the shared queue (up to max_wait) but on its own bucket only
+--     within the shared TAT; past that its waiters come back after the hinted wait (a lower
+--     bound: sooner if live calls move the shared TAT), spread by the client (LimiterBase);
+--   * per quota period, a cap: floor(share x remaining) taken at the replay's first granted call
+--     in that period and kept (SET NX) for the rest of it; once the replay used its cap it is
+--     refused with "replay-quota:<period>" until the period ends, leaving the rest to live calls.
+-- Why live traffic keeps the rest: every replay call takes one slot of the shared bucket, exactly
+-- as a live call does, and its own bucket grants it at most share x rate (+ its small burst) in
+-- any window; so when both lanes saturate, of the shared bucket's rate x w slots at most
+-- share x rate x w go to the replay and at least (1 - share) x rate x w to live calls. Likewise a
+-- replay's quota use is capped at share x what was left at its start, so live calls keep at
+-- least (1 - share) of it.
 
 local PERIODS = {"minute", "hour", "day", "month"}
 local floor = math.floor
@@ -79,6 +113,15 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+local share
+if ARGV[9] and ARGV[9] ~= "" then
+  share = tonumber(ARGV[9])
+  if not (share and share > 0 and share <= 1) then
+    return redis.error_reply("replay share must be in (0, 1], got " .. ARGV[9])
+  end
+  if not KEYS[6] then return redis.error_reply("a replay call needs KEYS[5] and KEYS[6]") end
+end
+
 -- Effective limits: run-time overrides (HSET by `enricher limits set`) win over the config.
 local ov = {}
 local flat = redis.call("HGETALL", KEYS[3])
@@ -89,7 +132,7 @@ if not (rate > 0) then rate = tonumber(ARGV[1]) end
 if not (burst >= 1) then burst = tonumber(ARGV[2]) end
 local max_wait = tonumber(ARGV[3])
 
--- Quotas: limit, used and key of each period that has one.
+-- Quotas: limit, used and key of each period that has one (and the replay's cap and use).
 local secs = floor(now / 1000000)
 local quotas, remaining = {}, {}
 for i, name in ipairs(PERIODS) do
@@ -100,7 +143,15 @@ for i, name in ipairs(PERIODS) do
     local key = KEYS[4] .. name .. ":" .. stamp
     local used = tonumber(redis.call("GET", key) or "0")
     remaining[i] = math.max(0, limit - used)
-    quotas[#quotas + 1] = {i = i, name = name, key = key, limit = limit, used = used, stop = stop}
+    local q = {i = i, name = name, key = key, limit = limit, used = used, stop = stop}
+    if share then
+      q.cap_key = KEYS[6] .. "cap:" .. name .. ":" .. stamp
+      q.used_key = KEYS[6] .. "used:" .. name .. ":" .. stamp
+      local cap = redis.call("GET", q.cap_key)
+      q.cap = cap and tonumber(cap) or floor(share * remaining[i])
+      q.replay_used = tonumber(redis.call("GET", q.used_key) or "0")
+    end
+    quotas[#quotas + 1] = q
   end
 end
 
@@ -113,23 +164,54 @@ end
 local blocked = tonumber(redis.call("GET", KEYS[2]) or "0")
 if blocked > now then return reply(0, blocked - now, "blocked") end
 
--- (2) A spent quota holds calls until its period ends (or an override raises it).
+-- (2) A spent quota holds calls until its period ends (or an override raises it); a replay that
+-- used its share of a quota is held until the period ends.
 for _, q in ipairs(quotas) do
   if q.used >= q.limit then return reply(0, q.stop * 1000000 - now, "quota:" .. q.name) end
 end
+if share then
+  for _, q in ipairs(quotas) do
+    if q.replay_used >= q.cap then
+      return reply(0, q.stop * 1000000 - now, "replay-quota:" .. q.name)
+    end
+  end
+end
 
--- (3) GCRA: emission interval T (rounded up: never faster than the rate), tolerance B*T.
+-- (3) GCRA: emission interval T (rounded up: never faster than the rate), tolerance B*T. `slot`
+-- is the earliest moment the call conforms: max(now, tat - (B-1)*T).
 local interval = math.ceil(1000000 / rate)
 local tat = tonumber(redis.call("GET", KEYS[1]) or "0")
-local new_tat = math.max(tat, now) + interval
-local wait = math.max(0, new_tat - burst * interval - now)
+local slot = math.max(now, tat - (burst - 1) * interval)
+local replay_interval, replay_tat
+if share then
+  -- A replay's slot is the later of its bucket's and the shared bucket's, and may not lie past
+  -- the shared TAT: then the shared bucket advances exactly as for a live call (see the header).
+  replay_interval = math.ceil(1000000 / (rate * share))
+  replay_tat = tonumber(redis.call("GET", KEYS[5]) or "0")
+  local replay_slot = replay_tat - (math.max(1, floor(burst * share)) - 1) * replay_interval
+  local horizon = math.max(now, tat)
+  if replay_slot > horizon then return reply(0, replay_slot - horizon, "replay-rate") end
+  slot = math.max(slot, replay_slot)
+end
+local wait = slot - now
 if wait > max_wait then return reply(0, wait - max_wait, "rate") end
 
--- Reserve: the bucket is full again at new_tat, so the key may vanish a second after that.
-redis.call("SET", KEYS[1], string.format("%.0f", new_tat), "PX", math.ceil((new_tat - now) / 1000) + 1000)
+-- Reserve: a bucket is full again at its new TAT, so its key may vanish a second after that.
+local function reserve(key, old_tat, step)
+  local new_tat = math.max(old_tat, slot) + step
+  redis.call("SET", key, string.format("%.0f", new_tat), "PX", math.ceil((new_tat - now) / 1000) + 1000)
+end
+reserve(KEYS[1], tat, interval)
+if share then reserve(KEYS[5], replay_tat, replay_interval) end
 for _, q in ipairs(quotas) do
+  local ttl = math.ceil((q.stop * 1000000 - now) / 1000) + 60000
   redis.call("INCR", q.key)
-  redis.call("PEXPIRE", q.key, math.ceil((q.stop * 1000000 - now) / 1000) + 60000)
+  redis.call("PEXPIRE", q.key, ttl)
+  if share then
+    redis.call("SET", q.cap_key, string.format("%.0f", q.cap), "NX", "PX", ttl)
+    redis.call("INCR", q.used_key)
+    redis.call("PEXPIRE", q.used_key, ttl)
+  end
   remaining[q.i] = math.max(0, q.limit - q.used - 1)
 end
 return reply(1, wait, "")
