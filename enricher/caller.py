@@ -1,8 +1,11 @@
 """Calls to third-party APIs: aiohttp with per-API concurrency, the shared limiter and retries.
 
 Each attempt takes, in this order, a slot of the API's per-worker semaphore, a limiter token (so
-retries count against the rate and quotas too), then makes one request. Everything aiohttp raises
-is translated here into a CallError whose message holds no URL, query, header or library text.
+retries count against the rate and quotas too, in the call's lane), then makes one request. With
+a response cache and an API that caches, the whole retrying call runs inside ``get_or_call`` under
+the request's key (see :mod:`enricher.cache`): a cached answer takes no token. Everything aiohttp
+raises is translated here into a CallError whose message holds no URL, query, header or library
+text.
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ import asyncio
 import json
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
 
-from .errors import CallError, ErrorKind, InvalidEvent
+from .cache import ResponseCache, caches, render_url, request_key_of
+from .errors import CallError, ErrorKind
+from .lanes import Lane
 from .retry import RetryConfig, RetryPolicy, Sleep, parse_retry_after
-from .urls import UrlTemplate, param_to_str
+from .urls import UrlTemplate
 
 __all__ = ["ApiCaller", "ApiConfig", "CallLimiter", "decode_json"]
 
@@ -31,7 +37,7 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 class CallLimiter(Protocol):
     """The part of ``limiter.Limiter`` the caller uses."""
 
-    async def acquire(self, api: str) -> None: ...
+    async def acquire(self, api: str, lane: Lane | None = None) -> None: ...
     async def block(self, api: str, seconds: float) -> None: ...
 
 
@@ -54,12 +60,17 @@ class ApiConfig(Protocol):
     def retry(self) -> RetryConfig: ...
     @property
     def max_response_bytes(self) -> int: ...
+    @property
+    def cache_ttl(self) -> float: ...
+    @property
+    def cache_not_found_ttl(self) -> float: ...
 
 
 class _Endpoint:
     """Everything about one API that is worked out once, not per call."""
 
     __slots__ = (
+        "cached",
         "headers",
         "method",
         "name",
@@ -81,6 +92,7 @@ class _Endpoint:
         self.semaphore = asyncio.Semaphore(settings.concurrency)
         self.policy = RetryPolicy(settings.retry, api=settings.name)
         self.on_status: Collection[int] = frozenset(settings.retry.on_status)
+        self.cached = caches(settings)
 
     def error(self, kind: ErrorKind, message: str, **extra: Any) -> CallError:
         return CallError(kind, message, api=self.name, **extra)
@@ -96,56 +108,50 @@ class ApiCaller:
         limiter: CallLimiter,
         session: aiohttp.ClientSession,
         sleep: Sleep = asyncio.sleep,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._endpoints = {name: _Endpoint(settings) for name, settings in apis.items()}
         self._limiter = limiter
         self._session = session
         self._sleep = sleep
+        self._cache = cache
 
-    async def call(self, api: str, params: Mapping[str, Any]) -> Any:
+    async def call(self, api: str, params: Mapping[str, Any], lane: Lane | None = None) -> Any:
         """Returns the decoded JSON body.
 
         Raises CallError (kind, status, attempts filled) when attempts are exhausted or the error is
         not retriable, and InvalidEvent when a param cannot go into the URL (null, empty path value,
         a ``..`` segment). GET sends the params in the URL only; POST also sends all of them as a
-        JSON object body. ShuttingDown from the limiter propagates unchanged.
+        JSON object body. ShuttingDown from the limiter propagates unchanged. Every attempt takes
+        its limiter token in ``lane`` (None: live traffic). A cached answer makes no attempt; a
+        cached not-found raises a CallError with ``attempts`` 0.
         """
         endpoint = self._endpoints[api]
-        url = self._url(endpoint, params)
+        url = render_url(endpoint.name, endpoint.template, params)
         body = dict(params) if endpoint.method == "POST" else None
+        # encoded=True: send exactly these bytes; no re-quoting, no '..' normalisation.
+        fetch = partial(self._call, endpoint, URL(url, encoded=True), body, lane)
+        if self._cache is None or not endpoint.cached:
+            return await fetch()
+        key = request_key_of(endpoint.name, endpoint.method, url, body)
+        return await self._cache.get_or_call(endpoint.settings, key, fetch)
+
+    async def _call(self, endpoint: _Endpoint, url: URL, body: Any, lane: Lane | None) -> Any:
+        """The retrying call: attempts until an answer, a final error or the attempts run out."""
         attempts = 0
         try:
             async for attempt in endpoint.policy.retrying(self._sleep):
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    return await self._attempt(endpoint, url, body)
+                    return await self._attempt(endpoint, url, body, lane)
         except CallError as exc:
             exc.attempts = attempts
             raise
         raise AssertionError("unreachable: tenacity ends with a result or an error")
 
-    @staticmethod
-    def _url(endpoint: _Endpoint, params: Mapping[str, Any]) -> URL:
-        values: dict[str, str] = {}
-        for name in endpoint.template.placeholders:
-            if name not in params:
-                raise InvalidEvent(f"no value for URL placeholder {name}", api=endpoint.name)
-            try:
-                values[name] = param_to_str(params[name])
-            except ValueError as exc:  # our own message: it names the type, not the value
-                raise InvalidEvent(f"URL placeholder {name}: {exc}", api=endpoint.name) from None
-        try:
-            rendered = endpoint.template.render(values)
-        except UnicodeError:
-            raise InvalidEvent("a URL param is not valid Unicode", api=endpoint.name) from None
-        except ValueError as exc:  # our own messages: they name the placeholder, not the value
-            raise InvalidEvent(f"bad URL param: {exc}", api=endpoint.name) from None
-        # encoded=True: send exactly these bytes; no re-quoting, no '..' normalisation.
-        return URL(rendered, encoded=True)
-
-    async def _attempt(self, endpoint: _Endpoint, url: URL, body: Any) -> Any:
+    async def _attempt(self, endpoint: _Endpoint, url: URL, body: Any, lane: Lane | None) -> Any:
         async with endpoint.semaphore:
-            await self._limiter.acquire(endpoint.name)
+            await self._limiter.acquire(endpoint.name, lane)
             result, retry_after = await self._request(endpoint, url, body)
         if retry_after is not None and retry_after > 0:
             # The server's signal wins: pause this API for every worker, then wait it out too.

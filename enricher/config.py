@@ -278,6 +278,7 @@ class ApiSettings(BaseModel):
     concurrency: Positive = 32
     retry: RetrySettings = Field(default_factory=RetrySettings)
     cache_ttl: Duration = 0.0
+    cache_not_found_ttl: Duration = 0.0  # for 404/410 answers; 0 = not cached
     replay_share: Share = 0.5
     max_response_bytes: Size = 1_048_576
 
@@ -664,6 +665,7 @@ def _effective_api(api: ApiSettings) -> dict[str, Any]:
             "max_retry_after": units.format_duration(retry.max_retry_after),
         },
         "cache_ttl": units.format_duration(api.cache_ttl),
+        "cache_not_found_ttl": units.format_duration(api.cache_not_found_ttl),
         "replay_share": api.replay_share,
         "max_response_bytes": units.format_size(api.max_response_bytes),
     }

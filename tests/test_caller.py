@@ -18,6 +18,7 @@ from aiohttp import web
 
 from enricher.caller import ApiCaller, decode_json
 from enricher.errors import CallError, InvalidEvent, ShuttingDown
+from enricher.lanes import Lane
 
 CANARY = "canary-SECRET-123"
 
@@ -41,18 +42,22 @@ class Api:
     concurrency: int = 32
     retry: Retry = Retry()
     max_response_bytes: int = 4096
+    cache_ttl: float = 0.0
+    cache_not_found_ttl: float = 0.0
 
 
 class FakeLimiter:
     def __init__(self, fail_with: BaseException | None = None) -> None:
         self.acquired: list[str] = []
+        self.lanes: list[Lane | None] = []
         self.blocked: list[tuple[str, float]] = []
         self.fail_with = fail_with
 
-    async def acquire(self, api: str) -> None:
+    async def acquire(self, api: str, lane: Lane | None = None) -> None:
         if self.fail_with is not None:
             raise self.fail_with
         self.acquired.append(api)
+        self.lanes.append(lane)
 
     async def block(self, api: str, seconds: float) -> None:
         self.blocked.append((api, seconds))
@@ -149,11 +154,13 @@ class Harness:
     limiter: FakeLimiter = field(default_factory=FakeLimiter)
     sleep: FakeSleep = field(default_factory=FakeSleep)
 
-    async def call(self, api: Api, params: Mapping[str, Any] | None = None) -> Any:
+    async def call(
+        self, api: Api, params: Mapping[str, Any] | None = None, lane: Lane | None = None
+    ) -> Any:
         caller = ApiCaller(
             apis={api.name: api}, limiter=self.limiter, session=self.session, sleep=self.sleep
         )
-        return await caller.call(api.name, params or {})
+        return await caller.call(api.name, params or {}, lane)
 
 
 @pytest.fixture
@@ -212,6 +219,16 @@ async def test_503_twice_then_200_succeeds_on_the_third_attempt(
     assert len(harness.sleep.delays) == 2
     assert all(0.1 <= delay <= 1.0 for delay in harness.sleep.delays)
     assert harness.limiter.blocked == []
+
+
+async def test_every_attempt_takes_its_token_in_the_call_lane(
+    backend: Backend, harness: Harness
+) -> None:
+    lane = Lane("replay-1", 0.3)
+    backend.script.extend([_json(503), _json(200, {"ok": 1})])
+    assert await harness.call(Api("geo", backend.base + "/script"), lane=lane) == {"ok": 1}
+    await harness.call(Api("geo", backend.base + "/echo/x"))
+    assert harness.limiter.lanes == [lane, lane, None]
 
 
 async def test_429_retry_after_blocks_every_worker_then_waits(

@@ -219,6 +219,8 @@ def test_unknown_keys_are_named(text: str, key: str) -> None:
         (api_yaml("retry: {backoff: soon}"), "apis.geo.retry.backoff", "MIN..MAX"),
         (api_yaml("retry: {attempts: 0}"), "apis.geo.retry.attempts", ">= 1"),
         (api_yaml("retry: {on_status: [99]}"), "apis.geo.retry.on_status[0]", ">= 100"),
+        (api_yaml("cache_not_found_ttl: -1"), "apis.geo.cache_not_found_ttl", ">= 0"),
+        (api_yaml("cache_not_found_ttl: soon"), "apis.geo.cache_not_found_ttl", "duration"),
         (api_yaml("replay_share: 0"), "apis.geo.replay_share", "> 0"),
         (api_yaml("replay_share: 1.5"), "apis.geo.replay_share", "<= 1"),
         (api_yaml("concurrency: many"), "apis.geo.concurrency", "expected an integer"),
@@ -349,6 +351,16 @@ def test_render_effective_masks_every_secret() -> None:
     reparsed = parse_config(rendered, env={})
     assert reparsed.apis["geo"].headers == {"X-Api-Key": "***", "Authorization": "***"}
     assert reparsed.redis.url == "rediss://user:***@redis.test:6380/1"
+
+
+def test_cache_not_found_ttl_defaults_to_off_and_is_rendered() -> None:
+    assert parse_config(api_yaml(), env={}).apis["geo"].cache_not_found_ttl == 0.0
+    config = parse_config(api_yaml("cache_ttl: 1h\ncache_not_found_ttl: 10m"), env={})
+    geo = config.apis["geo"]
+    assert (geo.cache_ttl, geo.cache_not_found_ttl) == (3600.0, 600.0)
+    rendered = render_effective(config)
+    assert "cache_not_found_ttl: 10m" in rendered
+    assert parse_config(rendered, env={}) == config
 
 
 def test_render_effective_round_trips() -> None:
