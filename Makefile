@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+run: $(STAMP)
+	$(BIN)/enricher dev
+
 test: $(STAMP)
 	$(BIN)/pytest -q
 
