@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import faust
@@ -16,8 +17,8 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from .config import Config
 from .errors import ShuttingDown
-from .pipeline import OutputTooLarge, SinkUnavailable
-from .records import InputRecord, OutputRecord
+from .pipeline import OutputTooLarge, Pipeline, SinkUnavailable
+from .records import ORIGIN_HEADER, REPLAY_HEADER, InputRecord, OutputRecord, parse_origin
 from .runtime import Runtime
 
 __all__ = ["EnricherApp", "create_app", "faust_settings"]
@@ -79,11 +80,13 @@ class EnricherApp:
         self._runtime: Runtime[AckToken] | None = None
         self._ready = asyncio.Event()
         self.input_topic = self._topic(config.topics.input)
+        self.replay_topic = self._topic(config.topics.replay)
         self.output_topics = [
             self._topic(config.topics.output),
             self._topic(config.topics.dead_letter),
         ]
-        self.faust.agent(self.input_topic, name="enrich", concurrency=1)(self._agent)
+        self.faust.agent(self.input_topic, name="enrich", concurrency=1)(self._live_agent)
+        self.faust.agent(self.replay_topic, name="replay", concurrency=1)(self._replay_agent)
         self.faust.task(self._start_runtime)
         self.faust.on_partitions_revoked.connect(cast(Any, self._on_revoked))
 
@@ -108,29 +111,67 @@ class EnricherApp:
         self._runtime = Runtime(self.config, sink=FaustSink(self.faust), release=_ack)
         self._ready.set()
 
-    async def _agent(self, stream: Any) -> None:
-        await self._ready.wait()
-        runtime = self._runtime
-        assert runtime is not None
-        manual = stream.noack()
-        async for event in manual.events():
-            message = event.message
-            record = InputRecord(
-                message.topic, message.partition, message.offset, message.key, message.value
+    async def _live_agent(self, stream: Any) -> None:
+        runtime = await self._started()
+        await _feed(stream, runtime.pipeline, _live_record)
+
+    async def _replay_agent(self, stream: Any) -> None:
+        runtime = await self._started()
+
+        async def replayed(message: Any) -> InputRecord:
+            headers = _headers(message)
+            replay_id = headers.get(REPLAY_HEADER, "unknown")
+            return InputRecord(
+                message.topic,
+                message.partition,
+                message.offset,
+                message.key,
+                message.value,
+                lane=await runtime.replay_lane(replay_id),
+                origin=parse_origin(headers.get(ORIGIN_HEADER)),
             )
-            try:
-                await runtime.pipeline.submit(record, (manual, event))
-            except ShuttingDown:
-                break
+
+        await _feed(stream, runtime.replay_pipeline, replayed)
+
+    async def _started(self) -> Runtime[AckToken]:
+        await self._ready.wait()
+        assert self._runtime is not None
+        return self._runtime
 
     async def _on_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         if self._runtime is not None:
-            self._runtime.pipeline.revoke((tp.topic, tp.partition) for tp in revoked)
+            tps = [(tp.topic, tp.partition) for tp in revoked]
+            self._runtime.pipeline.revoke(tps)
+            self._runtime.replay_pipeline.revoke(tps)
 
     async def shutdown(self, grace: float) -> None:
         """Finish or abandon in-flight events before Faust commits and stops."""
         if self._runtime is not None:
             await self._runtime.close(grace)
+
+
+async def _feed(
+    stream: Any, pipeline: Pipeline[AckToken], to_record: Callable[[Any], Awaitable[InputRecord]]
+) -> None:
+    """The agent loop: hand each event to the pipeline, which acks it (in offset order) once its
+    output is written. Faust's own acks are off (PITFALLS 1, 2)."""
+    manual = stream.noack()
+    async for event in manual.events():
+        try:
+            await pipeline.submit(await to_record(event.message), (manual, event))
+        except ShuttingDown:
+            break
+
+
+async def _live_record(message: Any) -> InputRecord:
+    return InputRecord(message.topic, message.partition, message.offset, message.key, message.value)
+
+
+def _headers(message: Any) -> dict[str, str]:
+    """A message's headers as text (Faust gives a list of pairs or a mapping)."""
+    raw = message.headers or []
+    pairs = raw.items() if isinstance(raw, Mapping) else raw
+    return {k: v.decode("utf-8", "replace") for k, v in pairs if isinstance(v, bytes)}
 
 
 async def _ack(token: AckToken) -> None:

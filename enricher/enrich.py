@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from .config import Config
 from .errors import CallError, EventError, InvalidEvent
+from .lanes import Lane
 from .rules import MISSING, CompiledRule
 
 __all__ = ["ApiClient", "DeadLetter", "Dropped", "Enriched", "Enricher", "Outcome", "decode_event"]
@@ -18,7 +19,7 @@ __all__ = ["ApiClient", "DeadLetter", "Dropped", "Enriched", "Enricher", "Outcom
 class ApiClient(Protocol):
     """What the enricher needs from the HTTP caller."""
 
-    async def call(self, api: str, params: Mapping[str, Any]) -> Any: ...
+    async def call(self, api: str, params: Mapping[str, Any], lane: Lane | None = None) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +80,11 @@ class Enricher:
         self._unmatched = config.unmatched
         self._max_event_bytes = config.worker.max_event_bytes
 
-    async def enrich(self, raw: bytes | None) -> Outcome:
-        """Decode, match and enrich one record value. Never raises an EventError: it becomes a
-        DeadLetter. (ShuttingDown and cancellation do propagate: the event stays unfinished.)"""
+    async def enrich(self, raw: bytes | None, lane: Lane | None = None) -> Outcome:
+        """Decode, match and enrich one record value (calls in ``lane``: live when None).
+
+        Never raises an EventError: it becomes a DeadLetter. (ShuttingDown and cancellation do
+        propagate: the event stays unfinished.)"""
         try:
             event = decode_event(raw, max_bytes=self._max_event_bytes)
         except InvalidEvent as exc:
@@ -90,7 +93,7 @@ class Enricher:
         if not rules:
             return self._unmatched_outcome(event)
         try:
-            results = await self._call_all(event, rules)
+            results = await self._call_all(event, rules, lane)
         except EventError as exc:
             return DeadLetter(event, exc)
         event["enrichment"] = results
@@ -105,14 +108,17 @@ class Enricher:
         return Enriched(event)
 
     async def _call_all(
-        self, event: Mapping[str, Any], rules: Iterable[CompiledRule]
+        self, event: Mapping[str, Any], rules: Iterable[CompiledRule], lane: Lane | None
     ) -> dict[str, Any]:
         """Call every matched rule's API at once; the first failure fails the event."""
         requests = [(rule, rule.request_params(event)) for rule in rules]
         if len(requests) == 1:
             rule, params = requests[0]
-            return {rule.into: self._pick(rule, await self._client.call(rule.api, params))}
-        tasks = [asyncio.ensure_future(self._client.call(rule.api, p)) for rule, p in requests]
+            body = await self._client.call(rule.api, params, lane)
+            return {rule.into: self._pick(rule, body)}
+        tasks = [
+            asyncio.ensure_future(self._client.call(rule.api, p, lane)) for rule, p in requests
+        ]
         try:
             bodies = await asyncio.gather(*tasks)
         except BaseException:

@@ -18,12 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from .config import TopicSettings
-from .enrich import DeadLetter, Enricher
+from .enrich import DeadLetter, Enriched, Enricher, Outcome
 from .errors import CallError, ShuttingDown
 from .ordering import KeySequencer, OffsetTracker
 from .records import InputRecord, OutputRecord, dead_letter_record, output_for
 
-__all__ = ["OutputTooLarge", "Pipeline", "PipelineStats", "Sink", "SinkUnavailable"]
+__all__ = [
+    "OutputTooLarge",
+    "Pipeline",
+    "PipelineStats",
+    "ReplayHooks",
+    "Sink",
+    "SinkUnavailable",
+]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -35,6 +42,13 @@ class OutputTooLarge(Exception):
 
 class SinkUnavailable(Exception):
     """The broker did not acknowledge a record; writing it again may succeed."""
+
+
+class ReplayHooks(Protocol):
+    """What the pipeline needs of the replay registry for replayed events."""
+
+    async def is_cancelled(self, replay_id: str) -> bool: ...
+    async def record_outcome(self, replay_id: str, kind: Any, count: int = 1) -> int: ...
 
 
 class Sink(Protocol):
@@ -52,6 +66,7 @@ class PipelineStats:
     dead_letters: int = 0
     dropped: int = 0
     abandoned: int = 0
+    cancelled: int = 0  # replayed events of a cancelled replay: acked without output
     dead_letters_by_kind: dict[str, int] = field(default_factory=dict)
 
 
@@ -66,13 +81,17 @@ class Pipeline(Generic[T]):
         topics: TopicSettings,
         in_flight: int,
         release: Callable[[T], Awaitable[None]],
+        replays: ReplayHooks | None = None,
         write_retry_delay: float = 1.0,
+        cancel_poll: float = 0.1,
     ) -> None:
         self._enricher = enricher
         self._sink = sink
         self._topics = topics
         self._release = release
         self._write_retry_delay = write_retry_delay
+        self._replays = replays
+        self._cancel_poll = cancel_poll
         self._slots = asyncio.Semaphore(in_flight)
         self._tracker: OffsetTracker[T] = OffsetTracker()
         self._keys = KeySequencer()
@@ -133,9 +152,11 @@ class Pipeline(Generic[T]):
         completed = False
         try:
             if previous is None or await asyncio.shield(previous):
-                outcome = await self._enricher.enrich(record.value)
-                kind = outcome.error.kind if isinstance(outcome, DeadLetter) else None
-                await self._write(output_for(record, outcome, self._topics), record, kind)
+                outcome = await self._enrich(record)
+                if outcome is not None:
+                    kind = outcome.error.kind if isinstance(outcome, DeadLetter) else None
+                    await self._write(output_for(record, outcome, self._topics), record, kind)
+                await self._record_replay_outcome(record, outcome)
                 completed = True
         except (ShuttingDown, asyncio.CancelledError):
             pass  # left unacked: it will be consumed again
@@ -148,6 +169,36 @@ class Pipeline(Generic[T]):
                 self.stats.abandoned += 1
         if completed:
             await self._release_in_order(self._tracker.finish(tp, record.offset, epoch))
+
+    async def _enrich(self, record: InputRecord) -> Outcome | None:
+        """The event's outcome; None when its replay was cancelled (no output, no more calls)."""
+        replay_id = record.replay_id
+        if replay_id is None or self._replays is None:
+            return await self._enricher.enrich(record.value, record.lane)
+        if await self._replays.is_cancelled(replay_id):
+            return None
+        work = asyncio.ensure_future(self._enricher.enrich(record.value, record.lane))
+        try:
+            while True:  # a cancel stops this event's calls within a poll
+                done, _ = await asyncio.wait({work}, timeout=self._cancel_poll)
+                if done:
+                    return work.result()
+                if await self._replays.is_cancelled(replay_id):
+                    work.cancel()
+                    return None
+        finally:
+            work.cancel()
+
+    async def _record_replay_outcome(self, record: InputRecord, outcome: Outcome | None) -> None:
+        if record.replay_id is None or self._replays is None:
+            return
+        kind = _replay_outcome_kind(outcome)
+        if outcome is None:
+            self.stats.cancelled += 1
+        try:
+            await self._replays.record_outcome(record.replay_id, kind)
+        except Exception as exc:  # progress figures only: never fail the event for them
+            log.warning("could not record replay progress: %s", type(exc).__name__)
 
     async def _write(self, out: OutputRecord | None, record: InputRecord, kind: str | None) -> None:
         """Write until the broker acknowledges; an oversized output becomes a dead letter."""
@@ -192,6 +243,15 @@ class Pipeline(Generic[T]):
                 await self._release(self._to_release.popleft())
         finally:
             self._releasing = False
+
+
+def _replay_outcome_kind(outcome: Outcome | None) -> str:
+    """The replay registry's counter an outcome adds to."""
+    if outcome is None:
+        return "cancelled_events"
+    if isinstance(outcome, Enriched):
+        return "outputs"
+    return "dead_letters" if isinstance(outcome, DeadLetter) else "dropped"
 
 
 def input_event(record: InputRecord) -> dict[str, Any] | str:

@@ -9,35 +9,50 @@ from typing import Any
 from .config import TopicSettings
 from .enrich import DeadLetter, Dropped, Enriched, Outcome
 from .errors import EventError
+from .lanes import Lane
 
 __all__ = [
+    "ORIGIN_HEADER",
     "REPLAY_HEADER",
     "SOURCE_HEADER",
     "InputRecord",
     "OutputRecord",
     "dead_letter_record",
     "output_for",
+    "parse_origin",
 ]
 
 SOURCE_HEADER = "enricher-source"
 REPLAY_HEADER = "enricher-replay"
+ORIGIN_HEADER = "enricher-origin"  # on replay-topic records: the original input's coordinates
 
 
 @dataclass(frozen=True, slots=True)
 class InputRecord:
-    """One consumed input record (what the pipeline needs of a Kafka message)."""
+    """One consumed record (what the pipeline needs of a Kafka message).
+
+    ``topic/partition/offset`` is where it was consumed. A replayed record also has ``lane`` (its
+    replay) and ``origin``, the coordinates of the original input record it re-feeds.
+    """
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
-    replay_id: str | None = None
+    lane: Lane | None = None
+    origin: tuple[str, int, int] | None = None
+
+    @property
+    def replay_id(self) -> str | None:
+        return self.lane.replay_id if self.lane else None
 
     @property
     def source(self) -> str:
-        """``topic/partition/offset``: unique per input, used as the idempotency key."""
-        return f"{self.topic}/{self.partition}/{self.offset}"
+        """``topic/partition/offset`` of the original input: the idempotency key downstream.
+        A replayed event's output carries the same source as the original's."""
+        topic, partition, offset = self.origin or (self.topic, self.partition, self.offset)
+        return f"{topic}/{partition}/{offset}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +63,14 @@ class OutputRecord:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...]
+
+
+def parse_origin(header: str | None) -> tuple[str, int, int] | None:
+    """``topic/partition/offset`` of an ``enricher-origin`` header; None if absent or malformed."""
+    parts = header.rsplit("/", 2) if header else []
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
 
 
 def _dumps(value: Any) -> bytes:
@@ -61,6 +84,11 @@ def _headers(record: InputRecord) -> tuple[tuple[str, bytes], ...]:
     return (source, (REPLAY_HEADER, record.replay_id.encode()))
 
 
+def _source_dict(record: InputRecord) -> dict[str, Any]:
+    topic, partition, offset = record.origin or (record.topic, record.partition, record.offset)
+    return {"topic": topic, "partition": partition, "offset": offset}
+
+
 def dead_letter_record(
     record: InputRecord, event: dict[str, Any] | str, error: EventError, topics: TopicSettings
 ) -> OutputRecord:
@@ -68,7 +96,7 @@ def dead_letter_record(
     body = {
         "event": event,
         "error": error.as_dict(),
-        "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+        "source": _source_dict(record),
     }
     return OutputRecord(topics.dead_letter, record.key, _dumps(body), _headers(record))
 

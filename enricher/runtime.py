@@ -6,17 +6,21 @@ callback that acks events, so the whole chain is testable without a broker.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import aiohttp
 import redis.asyncio as aioredis
 
+from .cache import RedisResponseCache
 from .caller import ApiCaller
 from .config import Config
 from .enrich import Enricher
+from .lanes import Lane
 from .limiter import RedisLimiter
 from .pipeline import Pipeline, Sink
+from .replay import ReplayRegistry
 
 __all__ = ["Runtime", "connect_redis"]
 
@@ -40,7 +44,8 @@ def http_session() -> aiohttp.ClientSession:
 
 
 class Runtime(Generic[T]):
-    """Redis client, limiter, HTTP session, caller, enricher and pipeline of one worker."""
+    """Redis client, limiter, cache, HTTP session, caller, enricher, replay registry and the two
+    pipelines (live events, replayed events) of one worker."""
 
     def __init__(
         self,
@@ -61,21 +66,40 @@ class Runtime(Generic[T]):
             on_unavailable=config.redis.on_unavailable,
             local_share=config.redis.local_share,
         )
-        self.caller = ApiCaller(apis=config.apis, limiter=self.limiter, session=self.session)
-        self.enricher = Enricher(config, self.caller)
-        self.pipeline: Pipeline[T] = Pipeline(
-            enricher=self.enricher,
-            sink=sink,
-            topics=config.topics,
-            in_flight=config.worker.in_flight,
-            release=release,
+        self.cache = RedisResponseCache(redis=self.redis, app_id=config.app_id)
+        self.caller = ApiCaller(
+            apis=config.apis, limiter=self.limiter, session=self.session, cache=self.cache
         )
+        self.enricher = Enricher(config, self.caller)
+        self.replays = ReplayRegistry(self.redis, config.app_id)
+        self.default_share = min((api.replay_share for api in config.apis.values()), default=1.0)
+
+        def pipeline(replays: ReplayRegistry | None) -> Pipeline[T]:
+            return Pipeline(
+                enricher=self.enricher,
+                sink=sink,
+                topics=config.topics,
+                in_flight=config.worker.in_flight,
+                release=release,
+                replays=replays,
+            )
+
+        # Separate in-flight pools: a replay held at its share never takes live events' slots.
+        self.pipeline = pipeline(None)
+        self.replay_pipeline = pipeline(self.replays)
+
+    async def replay_lane(self, replay_id: str) -> Lane:
+        """The lane of a replayed event: its replay's share (the config's lowest
+        ``replay_share`` if the registry cannot tell)."""
+        lane = await self.replays.lane(replay_id)
+        return lane if lane is not None else Lane(replay_id, self.default_share)
 
     async def close(self, grace: float) -> None:
         """Take no new event; let in-flight ones finish (tokens still granted) within ``grace``;
         then cancel what is left (token waits included: PITFALLS 5), leaving it unacked, and
         close connections. Bounded by ``grace``, so no supervisor has to SIGKILL us."""
-        await self.pipeline.close(grace)
+        await asyncio.gather(self.pipeline.close(grace), self.replay_pipeline.close(grace))
         await self.limiter.close()
+        await self.cache.close()
         await self.session.close()
         await self.redis.aclose()

@@ -38,6 +38,10 @@ class Collected:
     sources: Counter[str] = field(default_factory=Counter)
     keys: dict[str, bytes | None] = field(default_factory=dict)
     headers: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    replayed: Counter[str] = field(default_factory=Counter)  # replay id -> records
+    replay_outputs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # source, body
+    times: list[int] = field(default_factory=list)  # Kafka timestamps (ms) of live outputs
+    replay_times: list[int] = field(default_factory=list)  # ... and of replayed ones
 
     @property
     def total(self) -> int:
@@ -233,11 +237,18 @@ class Stack:
                 body = json.loads(message.value)
                 headers = {k: v for k, v in message.headers}
                 source = headers["enricher-source"].decode()
+                if "enricher-replay" in headers:  # re-fed: counted apart from live records
+                    collected.replayed[headers["enricher-replay"].decode()] += 1
+                    if tp.topic == self.topics["output"]:
+                        collected.replay_outputs.append((source, body))
+                        collected.replay_times.append(message.timestamp)
+                    continue
                 collected.sources[source] += 1
                 collected.keys[source] = message.key
                 collected.headers[source] = headers
                 if tp.topic == self.topics["output"]:
                     collected.outputs.append(body)
+                    collected.times.append(message.timestamp)
                 else:
                     collected.dead_letters.append(body)
 
@@ -270,6 +281,42 @@ class Stack:
     async def all_committed(self) -> bool:
         committed = await self.committed()
         return all(committed.get(p, 0) >= n for p, n in self.produced.items())
+
+    async def enricher(self, *args: str) -> str:
+        """Run an ``enricher`` command (without blocking the loop the sandbox API runs on);
+        returns its stdout, failing the test on a non-zero exit."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "enricher",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, f"enricher {' '.join(args)}: {err.decode()}"
+        return out.decode()
+
+    async def collect_replayed(
+        self, replay_id: str, expected: int, timeout: float = 60.0
+    ) -> Collected:
+        """Read output and dead-letter topics until ``expected`` records of the replay arrived."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=_bootstrap(self.kafka_url), enable_auto_commit=False
+        )
+        await consumer.start()
+        collected = Collected()
+        try:
+            tps = self._output_partitions()
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            async with asyncio.timeout(timeout):
+                while collected.replayed[replay_id] < expected:
+                    self._absorb(collected, await consumer.getmany(timeout_ms=200))
+            self._absorb(collected, await consumer.getmany(timeout_ms=500))
+        finally:
+            await consumer.stop()
+        return collected
 
     async def wait_for_members(self, count: int, timeout: float = 60.0) -> None:
         """Wait until the consumer group is stable with ``count`` members (workers joined)."""

@@ -26,7 +26,7 @@ class FakeClient:
         self.fail = fail
         self.cancelled = 0
 
-    async def call(self, api: str, params: Mapping[str, Any]) -> Any:
+    async def call(self, api: str, params: Mapping[str, Any], lane: Any = None) -> Any:
         self.calls.append((api, dict(params)))
         if api == self.fail:
             raise CallError("timeout", "timed out after 2.0s", api=api, attempts=3)

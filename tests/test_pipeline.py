@@ -36,7 +36,7 @@ class ScriptedClient:
     def gate(self, ip: str) -> asyncio.Event:
         return self.gates.setdefault(ip, asyncio.Event())
 
-    async def call(self, api: str, params: Mapping[str, Any]) -> Any:
+    async def call(self, api: str, params: Mapping[str, Any], lane: Any = None) -> Any:
         ip = str(params["ip"])
         self.calls.append(ip)
         self.running += 1

@@ -1,0 +1,115 @@
+"""Replays through real workers: the replay lane, the shared cache, cancel (issue: replays)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from enricher.sandbox import SandboxServer
+
+from .harness import Stack
+from .test_worker import page_view
+
+pytestmark = pytest.mark.integration
+
+
+def replay_id_from(stdout: str) -> str:
+    return stdout.strip().splitlines()[-1].strip()
+
+
+async def test_replay_with_a_warm_cache_calls_the_api_zero_times(
+    stack: Stack, sandbox: SandboxServer
+) -> None:
+    n = 40
+    config = stack.write_config(stack.config(cache_ttl="1h"))
+    stack.start_worker(config)
+    await stack.produce([(f"u{i}", page_view(i, user=f"u{i}")) for i in range(n)])
+    live = await stack.collect(expected=n)
+    assert len(live.outputs) == n and sandbox.stats()["calls"] == n
+
+    out = await stack.enricher(
+        "replay", "--config", str(config), "--from", "-1h", "--yes", "--detach"
+    )
+    replay_id = replay_id_from(out)
+    got = await stack.collect_replayed(replay_id, n)
+    assert got.replayed[replay_id] == n
+    # same source (the original input) and same enrichment as the live outputs
+    live_by_source = {s: o for s, o in zip(live.sources, live.outputs, strict=False)}
+    assert {s for s, _ in got.replay_outputs} == set(live.sources)
+    for _, body in got.replay_outputs:
+        assert body["enrichment"]["geo"]["ip"] == body["client"]["ip"]
+    assert sandbox.stats()["calls"] == n  # every answer came from the shared cache
+    status = json.loads(
+        await stack.enricher("replay", "status", replay_id, "--config", str(config), "--json")
+    )
+    assert status["outputs"] == n and status["state"] == "done"
+    del live_by_source
+
+
+async def test_cold_replay_keeps_to_its_share_while_live_events_flow(
+    stack: Stack, sandbox: SandboxServer
+) -> None:
+    rate, share, n = 20, 0.3, 45
+    config = stack.write_config(stack.config(rate=f"{rate}/s", burst=3))
+    stack.start_worker(config)
+    await stack.produce([(f"r{i}", page_view(i, user=f"r{i}", ip=f"10.7.0.{i}")) for i in range(n)])
+    await stack.collect(expected=n, timeout=60)
+
+    out = await stack.enricher(
+        "replay",
+        "--config",
+        str(config),
+        "--from",
+        "-1h",
+        "--yes",
+        "--detach",
+        "--share",
+        str(share),
+    )
+    replay_id = replay_id_from(out)
+    live = [(f"l{i}", page_view(1000 + i, user=f"l{i}", ip=f"10.8.0.{i}")) for i in range(40)]
+    await stack.produce(live)
+    got = await stack.collect_replayed(replay_id, n, timeout=60)
+    everything = await stack.collect(expected=n + len(live), timeout=60)
+    live_times = sorted(everything.times)[n:]  # outputs of the live events sent during the replay
+    assert len(live_times) == len(live)
+
+    # Rates from the outputs' broker timestamps: the replay never beyond its share of the rate,
+    # live events at (most of) the rest while the replay runs.
+    replay_span = (max(got.replay_times) - min(got.replay_times)) / 1000
+    replay_burst = max(1, int(3 * share))
+    assert (n - replay_burst) / replay_span <= rate * share * 1.1
+    live_span = (live_times[-1] - live_times[0]) / 1000
+    assert len(live_times) / live_span >= 0.7 * rate * (1 - share)
+    assert live_times[-1] < max(got.replay_times)  # live did not wait for the replay
+    stats = sandbox.stats()
+    assert stats["calls"] == 2 * n + len(live)
+    assert stats["max_calls_in_any_second"] <= rate + 3
+
+
+async def test_cancel_stops_a_replays_calls_within_a_second(
+    stack: Stack, sandbox: SandboxServer
+) -> None:
+    n = 60
+    config = stack.write_config(stack.config(rate="10/s", burst=2))
+    stack.start_worker(config)
+    await stack.produce([(f"u{i}", page_view(i, user=f"u{i}")) for i in range(n)])
+    await stack.collect(expected=n, timeout=60)
+    out = await stack.enricher(
+        "replay", "--config", str(config), "--from", "-1h", "--yes", "--detach", "--share", "0.5"
+    )
+    replay_id = replay_id_from(out)
+    await stack.collect_replayed(replay_id, 5)
+    await stack.enricher("replay", "cancel", replay_id, "--config", str(config))
+    await asyncio.sleep(1.0)  # the promised reaction time
+    calls_after_cancel = sandbox.stats()["calls"]
+    await asyncio.sleep(2.0)  # would be 10 more calls at the replay's 5/s
+    assert sandbox.stats()["calls"] == calls_after_cancel
+    status: dict[str, Any] = json.loads(
+        await stack.enricher("replay", "status", replay_id, "--config", str(config), "--json")
+    )
+    assert status["state"] == "cancelled"
+    assert status["outputs"] < n
