@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import random
 import time
@@ -33,9 +34,13 @@ from .units import QuotaPeriod
 __all__ = ["Decision", "LimiterBase", "LocalFallback", "MemoryLimiter", "gcra", "gcra_slot"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 REPLAY_SPREAD_MIN = 0.01  # seconds: the least retry spread of replays refused by their own bucket
+# Told when a replay's call is held because its share of a quota is spent (reason
+# "replay-quota:<period>") and when it goes on again (reason None).
+ReplayHoldHook = Callable[[str, Lane, str | None], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,19 +81,32 @@ class LimiterBase:
         self._sleep = sleep
         self._closed = False
         self._pending: set[asyncio.Future[Any]] = set()
+        self.on_replay_hold: ReplayHoldHook | None = None
 
     async def acquire(self, api: str, lane: Lane | None = None) -> None:
         """Wait until one call to ``api`` may start; raises ShuttingDown once closed.
 
         ``lane`` is a replay's lane (``None``: a live call); see ``lua/acquire.lua``."""
         self._check(api)
+        held = False
         while True:
             decision = await self._guarded(self._decide(api, lane))
+            if lane is not None and held != decision.reason.startswith("replay-quota"):
+                held = not held
+                await self._tell_hold(api, lane, decision.reason if held else None)
             if decision.granted:
                 if decision.wait > 0:
                     await self._guarded(self._sleep(decision.wait))
                 return
             await self._guarded(self._sleep(self._retry_delay(decision)))
+
+    async def _tell_hold(self, api: str, lane: Lane, reason: str | None) -> None:
+        if self.on_replay_hold is None:
+            return
+        try:
+            await self.on_replay_hold(api, lane, reason)
+        except Exception as exc:  # a status figure: never fail the call for it
+            log.warning("replay hold hook failed: %s", type(exc).__name__)
 
     async def close(self) -> None:
         """Make every pending and future ``acquire`` raise ShuttingDown."""

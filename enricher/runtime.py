@@ -84,9 +84,22 @@ class Runtime(Generic[T]):
                 replays=replays,
             )
 
+        self.limiter.on_replay_hold = self._on_replay_hold
         # Separate in-flight pools: a replay held at its share never takes live events' slots.
         self.pipeline = pipeline(None)
         self.replay_pipeline = pipeline(self.replays)
+
+    async def _on_replay_hold(self, api: str, lane: Lane, reason: str | None) -> None:
+        """Say in the replay's status why it stopped (and clear it when it goes on)."""
+        if reason is None:
+            await self.replays.set_state(lane.replay_id, "running", note="", from_states=["held"])
+            return
+        period = reason.partition(":")[2]
+        note = (
+            f"held: its share of the {period} quota of API {api} is spent (live traffic keeps "
+            "the rest); it goes on when the period resets or the quota is raised"
+        )
+        await self.replays.set_state(lane.replay_id, "held", note=note, from_states=["running"])
 
     async def replay_lane(self, replay_id: str) -> Lane:
         """The lane of a replayed event: its replay's share (the config's lowest

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from enricher.sandbox import SandboxServer
+from enricher.sandbox import SandboxServer, SandboxSettings, run_sandbox
 
 from .harness import Stack
 from .test_worker import page_view
@@ -113,3 +113,94 @@ async def test_cancel_stops_a_replays_calls_within_a_second(
     )
     assert status["state"] == "cancelled"
     assert status["outputs"] < n
+
+
+async def status_of(stack: Stack, config: Any, replay_id: str) -> dict[str, Any]:
+    out = await stack.enricher("replay", "status", replay_id, "--config", str(config), "--json")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def test_replay_stops_at_its_quota_share_and_says_so_while_live_keeps_the_rest(
+    stack: Stack, sandbox: SandboxServer
+) -> None:
+    n, quota, share = 30, 100, 0.2
+    config = stack.write_config(stack.config(quotas=[f"{quota}/day"]))
+    stack.start_worker(config)
+    await stack.produce([(f"u{i}", page_view(i, user=f"u{i}")) for i in range(n)])
+    await stack.collect(expected=n)
+    out = await stack.enricher(
+        "replay",
+        "--config",
+        str(config),
+        "--from",
+        "-1h",
+        "--yes",
+        "--detach",
+        "--share",
+        str(share),
+    )
+    replay_id = replay_id_from(out)
+    cap = int(share * (quota - n))  # 14: its share of what was left
+    await stack.collect_replayed(replay_id, cap)
+    async with asyncio.timeout(10):
+        # polls the registry through the CLI, as an operator would
+        while (status := await status_of(stack, config, replay_id))["state"] != "held":  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+    assert "quota" in status["note"] and status["outputs"] == cap
+    # live traffic still has the rest of the quota
+    await stack.produce([(f"v{i}", page_view(500 + i, user=f"v{i}")) for i in range(10)])
+    got = await stack.collect_at_least(n + 10)
+    assert len(got.outputs) == n + 10 and got.replayed[replay_id] == cap
+    assert sandbox.stats()["calls"] == n + cap + 10
+
+
+async def test_dead_letters_are_redriven_through_the_replay_lane(
+    tmp_path: Any, kafka: Any, redis_service: Any
+) -> None:
+    n = 12
+    api = await run_sandbox(SandboxSettings(fail_first_n=n, fail_status=503), port=0)
+    stack = Stack(tmp_path, kafka_url=kafka.url, redis_url=redis_service.url, api_url=api.url)
+    try:
+        await stack.create_topics()
+        config = stack.write_config(stack.config(retry={"attempts": 1}))
+        stack.start_worker(config)
+        await stack.produce([(f"u{i}", page_view(i, user=f"u{i}")) for i in range(n)])
+        first = await stack.collect(expected=n)
+        assert len(first.dead_letters) == n  # the outage's victims
+        assert {d["error"]["status"] for d in first.dead_letters} == {503}
+        out = await stack.enricher(
+            "dlq",
+            "redrive",
+            "--config",
+            str(config),
+            "--kind",
+            "http_status",
+            "--status",
+            "503",
+            "--yes",
+            "--detach",
+        )
+        replay_id = replay_id_from(out)
+        got = await stack.collect_replayed(replay_id, n)
+    finally:
+        stack.stop_all()
+        await api.close()
+    assert len(got.replay_outputs) == n  # all re-enriched now that the API answers
+    assert {s for s, _ in got.replay_outputs} == set(first.sources)
+
+
+async def test_one_call_for_fifty_identical_events_across_two_workers(
+    stack: Stack, sandbox: SandboxServer
+) -> None:
+    sandbox.update(latency=0.3)  # long enough for all 50 to be in flight together
+    config = stack.write_config(stack.config(cache_ttl="1h"))
+    stack.start_worker(config)
+    stack.start_worker(config)
+    await stack.wait_for_members(2)
+    await stack.produce(
+        [(f"u{i}", page_view(i, user=f"u{i}", ip="203.0.113.9")) for i in range(50)]
+    )
+    got = await stack.collect(expected=50)
+    assert len(got.outputs) == 50
+    assert sandbox.stats()["calls"] == 1
