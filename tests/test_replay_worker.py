@@ -58,6 +58,20 @@ async def test_cold_replay_keeps_to_its_share_while_live_events_flow(
     await stack.produce([(f"r{i}", page_view(i, user=f"r{i}", ip=f"10.7.0.{i}")) for i in range(n)])
     await stack.collect(expected=n, timeout=60)
 
+    plan = json.loads(
+        await stack.enricher(
+            "replay",
+            "--config",
+            str(config),
+            "--from",
+            "-1h",
+            "--dry-run",
+            "--json",
+            "--share",
+            str(share),
+        )
+    )
+    assert (plan["events"], plan["calls_needed"]) == (n, n)  # cache off: every event calls
     out = await stack.enricher(
         "replay",
         "--config",
@@ -82,6 +96,7 @@ async def test_cold_replay_keeps_to_its_share_while_live_events_flow(
     replay_span = (max(got.replay_times) - min(got.replay_times)) / 1000
     replay_burst = max(1, int(3 * share))
     assert (n - replay_burst) / replay_span <= rate * share * 1.1
+    assert abs(plan["seconds"] - replay_span) <= 0.1 * plan["seconds"]  # the dry run's estimate
     live_span = (live_times[-1] - live_times[0]) / 1000
     assert len(live_times) / live_span >= 0.7 * rate * (1 - share)
     assert live_times[-1] < max(got.replay_times)  # live did not wait for the replay
