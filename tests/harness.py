@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,29 +204,55 @@ class Stack:
             await producer.stop()
 
     async def collect(self, expected: int, timeout: float = 60.0) -> Collected:
-        """Read output and dead-letter topics until ``expected`` records and the group has
-        committed every produced offset, then one more short read to catch duplicates."""
+        """Everything written once ``expected`` inputs have records and the group has committed
+        every produced offset; then one more second of reading to catch duplicates."""
+
+        async def done(c: Collected) -> bool:
+            return len(c.sources) >= expected and await self.all_committed()
+
+        return await self._read(done, timeout, linger=1.0, what=f"{expected} inputs")
+
+    async def collect_at_least(self, expected: int, timeout: float = 60.0) -> Collected:
+        """Everything written once ``expected`` live records have arrived; then one more
+        second of reading to show no more are coming."""
+
+        async def done(c: Collected) -> bool:
+            return c.total >= expected
+
+        return await self._read(done, timeout, linger=1.0, what=f"{expected} records")
+
+    async def collect_replayed(
+        self, replay_id: str, expected: int, timeout: float = 60.0
+    ) -> Collected:
+        """Everything written once ``expected`` records of the replay have arrived."""
+
+        async def done(c: Collected) -> bool:
+            return c.replayed[replay_id] >= expected
+
+        return await self._read(done, timeout, linger=0.5, what=f"{expected} replayed records")
+
+    async def _read(
+        self, done: Callable[[Collected], Awaitable[bool]], timeout: float, linger: float, what: str
+    ) -> Collected:
+        """Read the output and dead-letter topics from the start until ``done``."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=_bootstrap(self.kafka_url), enable_auto_commit=False
         )
         await consumer.start()
         collected = Collected()
         try:
-            tps = [
-                TopicPartition(self.topics[t], p)
-                for t in ("output", "dead_letter")
-                for p in range(PARTITIONS)
-            ]
+            tps = self._output_partitions()
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             async with asyncio.timeout(timeout):
-                while len(collected.sources) < expected or not await self.all_committed():
+                while not await done(collected):
                     self._absorb(collected, await consumer.getmany(timeout_ms=200))
-            self._absorb(collected, await consumer.getmany(timeout_ms=1000))
+            self._absorb(collected, await consumer.getmany(timeout_ms=int(linger * 1000)))
         except TimeoutError:
             raise AssertionError(
-                f"collected {collected.total} of {expected} records in {timeout}s; "
-                f"committed={await self.committed()} produced={dict(self.produced)}"
+                f"waited {timeout}s for {what}: got {collected.total} records "
+                f"({dict(collected.replayed)} replayed); committed={await self.committed()} "
+                f"produced={dict(self.produced)}"
             ) from None
         finally:
             await consumer.stop()
@@ -297,27 +324,6 @@ class Stack:
         assert proc.returncode == 0, f"enricher {' '.join(args)}: {err.decode()}"
         return out.decode()
 
-    async def collect_replayed(
-        self, replay_id: str, expected: int, timeout: float = 60.0
-    ) -> Collected:
-        """Read output and dead-letter topics until ``expected`` records of the replay arrived."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=_bootstrap(self.kafka_url), enable_auto_commit=False
-        )
-        await consumer.start()
-        collected = Collected()
-        try:
-            tps = self._output_partitions()
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            async with asyncio.timeout(timeout):
-                while collected.replayed[replay_id] < expected:
-                    self._absorb(collected, await consumer.getmany(timeout_ms=200))
-            self._absorb(collected, await consumer.getmany(timeout_ms=500))
-        finally:
-            await consumer.stop()
-        return collected
-
     async def wait_for_members(self, count: int, timeout: float = 60.0) -> None:
         """Wait until the consumer group is stable with ``count`` members (workers joined)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(self.kafka_url))
@@ -332,26 +338,6 @@ class Stack:
                     await asyncio.sleep(0.25)
         finally:
             await admin.close()
-
-    async def collect_at_least(self, expected: int, timeout: float = 60.0) -> Collected:
-        """Read output and dead-letter topics until ``expected`` records have arrived, then
-        one more second to show no more are coming."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=_bootstrap(self.kafka_url), enable_auto_commit=False
-        )
-        await consumer.start()
-        collected = Collected()
-        try:
-            tps = self._output_partitions()
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            async with asyncio.timeout(timeout):
-                while collected.total < expected:
-                    self._absorb(collected, await consumer.getmany(timeout_ms=200))
-            self._absorb(collected, await consumer.getmany(timeout_ms=1000))
-        finally:
-            await consumer.stop()
-        return collected
 
     def _output_partitions(self) -> list[TopicPartition]:
         return [
