@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 
 from .errors import ServiceUnavailable
 from .lanes import Lane
-from .quota import REDIS_ERRORS, text
+from .quota import REDIS_ERRORS, load_script, text
 from .records import ORIGIN_HEADER, REPLAY_HEADER
 from .replay_scan import Window
 
@@ -124,49 +124,14 @@ class Replay:
         }
 
 
-# A replay is done when its outcomes reach `selected` while running or held. Both scripts below
-# check it, so whichever comes last (the final outcome, or the end of feeding) closes the replay.
-# KEYS[1] the replay hash; ARGV[1] TTL in seconds.
-_COMPLETE = """
-local function complete(key)
-  local v = redis.call('HMGET', key, 'state', 'selected', 'outputs', 'dead_letters', 'dropped',
-                       'cancelled_events')
-  local total = (tonumber(v[3]) or 0) + (tonumber(v[4]) or 0) + (tonumber(v[5]) or 0)
-                + (tonumber(v[6]) or 0)
-  if (v[1] == 'running' or v[1] == 'held') and total >= (tonumber(v[2]) or 0) then
-    local now = redis.call('TIME')
-    redis.call('HSET', key, 'state', 'done', 'finished_at', now[1])
-  end
-  return total
-end
-"""
-# ARGV[2] the outcome field, ARGV[3] how many. Returns the outcomes total, -1 for no such replay.
-_RECORD_OUTCOME = (
-    _COMPLETE
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-redis.call('HINCRBY', KEYS[1], ARGV[2], tonumber(ARGV[3]))
-local total = complete(KEYS[1])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
-return total
-"""
-)
-# ARGV[2] the new state, ARGV[3] the states it may leave (space-separated), ARGV[4] a note,
-# ARGV[5] '1' to set the note (else it is kept). Returns the state afterwards, false if no replay.
-_TRANSITION = (
-    _COMPLETE
-    + """
-local current = redis.call('HGET', KEYS[1], 'state')
-if not current then return false end
-if string.find(' ' .. ARGV[3] .. ' ', ' ' .. current .. ' ', 1, true) then
-  redis.call('HSET', KEYS[1], 'state', ARGV[2])
-  if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'note', ARGV[4]) end
-  complete(KEYS[1])
-end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
-return redis.call('HGET', KEYS[1], 'state')
-"""
-)
+def _replay_script(name: str) -> str:
+    """The text of ``lua/<name>`` after ``lua/replay_complete.lua``, whose ``complete()`` it calls
+    (a replay is done when its outcomes reach ``selected`` while running or held)."""
+    return load_script("replay_complete.lua") + load_script(name)
+
+
+_RECORD_OUTCOME: Final = _replay_script("replay_outcome.lua")
+_TRANSITION: Final = _replay_script("replay_transition.lua")
 
 
 @dataclass(slots=True)

@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .cache import RedisResponseCache
 from .config import Config
 from .dlq import LetterFilter, RedriveSelection, parse_kinds, parse_statuses
 from .errors import BadArgument
 from .quota import read_usage
+from .redis_cache import RedisResponseCache
 from .replay_feed import Feeding, Refeed, Source, feed
 from .replay_plan import Planner, ReplayPlan
 from .replay_scan import ScannedRecord, TopicScan, Window, parse_time, parse_window

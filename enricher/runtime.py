@@ -13,13 +13,13 @@ from typing import Generic, TypeVar
 import aiohttp
 import redis.asyncio as aioredis
 
-from .cache import RedisResponseCache
 from .caller import ApiCaller
 from .config import Config
 from .enrich import Enricher
 from .lanes import Lane
 from .limiter import RedisLimiter
 from .pipeline import Pipeline, Sink
+from .redis_cache import RedisResponseCache
 from .replay import ReplayRegistry
 
 __all__ = ["Runtime", "connect_redis"]

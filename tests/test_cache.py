@@ -21,17 +21,12 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from enricher.cache import (
-    MemoryResponseCache,
-    RedisResponseCache,
-    ResponseCache,
-    request_key,
-    request_key_of,
-)
+from enricher.cache import MemoryResponseCache, ResponseCache, request_key, request_key_of
 from enricher.caller import ApiCaller
 from enricher.config import ApiSettings
 from enricher.errors import CallError, InvalidEvent, ServiceUnavailable
 from enricher.lanes import Lane
+from enricher.redis_cache import RedisResponseCache
 from enricher.services import EmbeddedRedis, find_free_port
 
 # --- the third-party API, the limiter and the caller -----------------------------------------

@@ -175,10 +175,10 @@ async def test_burst_then_paced_by_reservation(make: Factory) -> None:
     start = asyncio.get_running_loop().time()
     times = await timed_acquires(limiter, "geo", n)
 
-    assert times[burst - 1] - start < 0.05  # the burst goes at once
+    assert times[burst - 1] - start < 0.15  # the burst goes at once (slack for a busy machine)
     assert max_in_window(times, 1.0) <= burst + rate
     expected = (n - burst) / rate
-    assert expected - 0.02 <= times[-1] - start <= expected + 0.3
+    assert expected - 0.02 <= times[-1] - start <= expected + 0.5
     gaps = [b - a for a, b in zip(times[burst:], times[burst + 1 :], strict=False)]
     assert 0.8 / rate <= statistics.median(gaps) <= 1.2 / rate  # spread ~1/rate apart ...
     assert max_in_window(times[burst:], 0.1) <= 0.1 * rate + 2  # ... not bunched
