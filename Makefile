@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test lint typecheck format all run clean
+.PHONY: install test lint typecheck format all run clean bench
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# Benchmarks on the embedded stack (a few minutes; not part of `test`). ARGS="--quick" for a smoke run.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check enricher tests

@@ -1,0 +1,1 @@
+"""``make bench``: enricher's figures measured on the embedded stack (see ``bench/run.py``)."""
