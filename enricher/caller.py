@@ -1,11 +1,20 @@
 """Calls to third-party APIs: aiohttp with per-API concurrency, the shared limiter and retries.
 
-Each attempt takes, in this order, a slot of the API's per-worker semaphore, a limiter token (so
-retries count against the rate and quotas too, in the call's lane), then makes one request. With
-a response cache and an API that caches, the whole retrying call runs inside ``get_or_call`` under
+Each attempt passes, in this order, the API's circuit breaker (held while the API is deemed down,
+see :mod:`enricher.circuit`), a slot of the API's per-worker semaphore, a limiter token (so retries
+count against the rate and quotas too, in the call's lane), then makes one request. A failure that
+finds the circuit open does not count as an attempt: the call holds until the circuit closes and
+tries again, so an API that is down holds its events instead of dead-lettering them. With a
+response cache and an API that caches, the whole retrying call runs inside ``get_or_call`` under
 the request's key (see :mod:`enricher.cache`): a cached answer takes no token. Everything aiohttp
 raises is translated here into a CallError whose message holds no URL, query, header or library
 text.
+
+After every answer the API's own signals are followed for every worker: ``Retry-After`` on a
+429/503 blocks the API (capped by ``max_retry_after``); ``X-RateLimit-*`` / ``RateLimit`` headers
+(:mod:`enricher.signals`) go to the limiter with the number of the grant they answer, which keeps
+every worker within what the server has left, paced evenly until its reset (none left blocks the
+API until then, same cap).
 """
 
 from __future__ import annotations
@@ -21,9 +30,11 @@ import aiohttp
 from yarl import URL
 
 from .cache import ResponseCache, caches, render_url, request_key_of
+from .circuit import CircuitBreaker, outcome_of
 from .errors import CallError, ErrorKind
 from .lanes import Lane
 from .retry import RetryConfig, RetryPolicy, Sleep, parse_retry_after
+from .signals import RateSignal, read_signal
 from .urls import UrlTemplate
 
 __all__ = ["ApiCaller", "ApiConfig", "CallLimiter", "decode_json"]
@@ -37,8 +48,11 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 class CallLimiter(Protocol):
     """The part of ``limiter.Limiter`` the caller uses."""
 
-    async def acquire(self, api: str, lane: Lane | None = None) -> None: ...
+    async def acquire(self, api: str, lane: Lane | None = None) -> int | None: ...
     async def block(self, api: str, seconds: float) -> None: ...
+    async def server_signal(
+        self, api: str, remaining: int, reset: float, grant: int | None = None
+    ) -> None: ...
 
 
 class ApiConfig(Protocol):
@@ -109,12 +123,20 @@ class ApiCaller:
         session: aiohttp.ClientSession,
         sleep: Sleep = asyncio.sleep,
         cache: ResponseCache | None = None,
+        circuits: CircuitBreaker | None = None,
     ) -> None:
         self._endpoints = {name: _Endpoint(settings) for name, settings in apis.items()}
         self._limiter = limiter
         self._session = session
         self._sleep = sleep
         self._cache = cache
+        self._circuits = circuits
+
+    async def close(self) -> None:
+        """Make calls held by an open circuit (and later ones) raise ShuttingDown; the circuit
+        breaker is owned here. The session, limiter and cache are closed by their owner."""
+        if self._circuits is not None:
+            await self._circuits.close()
 
     async def call(self, api: str, params: Mapping[str, Any], lane: Lane | None = None) -> Any:
         """Returns the decoded JSON body.
@@ -122,9 +144,10 @@ class ApiCaller:
         Raises CallError (kind, status, attempts filled) when attempts are exhausted or the error is
         not retriable, and InvalidEvent when a param cannot go into the URL (null, empty path value,
         a ``..`` segment). GET sends the params in the URL only; POST also sends all of them as a
-        JSON object body. ShuttingDown from the limiter propagates unchanged. Every attempt takes
-        its limiter token in ``lane`` (None: live traffic). A cached answer makes no attempt; a
-        cached not-found raises a CallError with ``attempts`` 0.
+        JSON object body. ShuttingDown from the limiter or the circuit breaker propagates
+        unchanged. Every attempt takes its limiter token in ``lane`` (None: live traffic). A
+        cached answer makes no attempt; a cached not-found raises a CallError with ``attempts`` 0.
+        While the API's circuit is open the call waits (see the module docstring).
         """
         endpoint = self._endpoints[api]
         url = render_url(endpoint.name, endpoint.template, params)
@@ -150,18 +173,48 @@ class ApiCaller:
         raise AssertionError("unreachable: tenacity ends with a result or an error")
 
     async def _attempt(self, endpoint: _Endpoint, url: URL, body: Any, lane: Lane | None) -> Any:
+        """One counted attempt: held while the circuit is open, and made again (not counted)
+        when it fails and finds the circuit open."""
+        if self._circuits is None:
+            return await self._exchange(endpoint, url, body, lane)
+        while True:
+            ticket = await self._circuits.enter(endpoint.name)
+            try:
+                result = await self._exchange(endpoint, url, body, lane)
+            except CallError as exc:
+                if await self._circuits.record(ticket, outcome_of(exc)):
+                    continue  # the API is deemed down: hold, then go again
+                raise
+            except Exception:  # no attempt made (ShuttingDown from the limiter, ...)
+                await self._circuits.release(ticket)
+                raise
+            await self._circuits.record(ticket, "success")
+            return result
+
+    async def _exchange(self, endpoint: _Endpoint, url: URL, body: Any, lane: Lane | None) -> Any:
         async with endpoint.semaphore:
-            await self._limiter.acquire(endpoint.name, lane)
-            result, retry_after = await self._request(endpoint, url, body)
+            grant = await self._limiter.acquire(endpoint.name, lane)
+            result, retry_after, signal = await self._request(endpoint, url, body)
         if retry_after is not None and retry_after > 0:
             # The server's signal wins: pause this API for every worker, then wait it out too.
             await self._limiter.block(endpoint.name, retry_after)
+        if signal is not None:
+            await self._follow(endpoint, signal, grant)
         if isinstance(result, CallError):
             raise result
         return result
 
-    async def _request(self, endpoint: _Endpoint, url: URL, body: Any) -> tuple[Any, float | None]:
-        """One HTTP exchange: (decoded body or a CallError to raise, the server's Retry-After)."""
+    async def _follow(self, endpoint: _Endpoint, signal: RateSignal, grant: int | None) -> None:
+        """The server's rate-limit figures, for every worker (its reset capped like a
+        Retry-After), with the number of the grant they answer."""
+        reset = min(signal.reset, endpoint.settings.retry.max_retry_after)
+        await self._limiter.server_signal(endpoint.name, signal.remaining, reset, grant)
+
+    async def _request(
+        self, endpoint: _Endpoint, url: URL, body: Any
+    ) -> tuple[Any, float | None, RateSignal | None]:
+        """One HTTP exchange: (decoded body or a CallError to raise, the server's Retry-After,
+        its rate-limit figures)."""
         try:
             async with self._session.request(
                 endpoint.method,
@@ -172,9 +225,10 @@ class ApiCaller:
                 allow_redirects=False,
                 raise_for_status=False,
             ) as response:
+                signal = read_signal(response.headers, now=datetime.now(UTC))
                 if 200 <= response.status < 300:
-                    return await _read_json(endpoint, response), None
-                return _status_error(endpoint, response)
+                    return await _read_json(endpoint, response), None, signal
+                return (*_status_error(endpoint, response), signal)
         except TimeoutError:  # asyncio.TimeoutError and aiohttp's ServerTimeoutError
             message = f"timed out after {endpoint.settings.timeout}s"
             raise endpoint.error("timeout", message, retriable=True) from None

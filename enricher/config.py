@@ -39,6 +39,7 @@ from enricher.urls import UrlTemplate
 
 __all__ = [
     "ApiSettings",
+    "CircuitSettings",
     "Config",
     "KafkaSettings",
     "Quota",
@@ -263,6 +264,15 @@ class RetrySettings(BaseModel):
         return self
 
 
+class CircuitSettings(BaseModel):
+    """The API's circuit breaker: ``failures`` consecutive failed attempts (timeouts, connection
+    errors, 5xx) open it for ``cool_down``; ``failures: 0`` turns it off."""
+
+    model_config = _MODEL
+    failures: Annotated[int, BeforeValidator(_not_bool), Field(ge=0)] = 5
+    cool_down: PositiveDuration = 10.0
+
+
 class ApiSettings(BaseModel):
     """One third-party API: where and how to call it, and the limits it imposes."""
 
@@ -277,6 +287,7 @@ class ApiSettings(BaseModel):
     quotas: Annotated[tuple[Quota, ...], BeforeValidator(_as_tuple)] = ()
     concurrency: Positive = 32
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    circuit: CircuitSettings = Field(default_factory=CircuitSettings)
     cache_ttl: Duration = 0.0
     cache_not_found_ttl: Duration = 0.0  # for 404/410 answers; 0 = not cached
     replay_share: Share = 0.5
@@ -663,6 +674,10 @@ def _effective_api(api: ApiSettings) -> dict[str, Any]:
             "backoff": units.format_backoff(retry.backoff_min, retry.backoff_max),
             "on_status": list(retry.on_status),
             "max_retry_after": units.format_duration(retry.max_retry_after),
+        },
+        "circuit": {
+            "failures": api.circuit.failures,
+            "cool_down": units.format_duration(api.circuit.cool_down),
         },
         "cache_ttl": units.format_duration(api.cache_ttl),
         "cache_not_found_ttl": units.format_duration(api.cache_not_found_ttl),

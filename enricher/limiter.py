@@ -19,6 +19,11 @@ When Redis cannot be reached (connection refused, timeout, OSError):
   (and to the replays' own counters; ``INCRBY``, best effort) and local blocks are pushed.
 
 A Retry-After (``block``) is also kept in-process, so this worker obeys it even if Redis is down.
+
+The API's own rate-limit headers (``server_signal``, fed by the caller with the number of the
+grant whose answer carried them) are shared the same way: ``lua/server_budget.lua`` keeps what the
+server has left until its reset, and every worker's next decision paces by it (``acquire.lua``);
+none left also blocks the API until the server's reset.
 """
 
 from __future__ import annotations
@@ -62,10 +67,11 @@ PROBE_MIN, PROBE_MAX = 0.05, 2.0  # seconds between Redis probes during an outag
 class Limiter(Protocol):
     """What the caller and the worker need from a limiter."""
 
-    async def acquire(self, api: str, lane: Lane | None = None) -> None:
+    async def acquire(self, api: str, lane: Lane | None = None) -> int | None:
         """Wait until one call to ``api`` may be made now; takes one token of the API's bucket
         and one unit of each of its quotas. Holds (sleeps, without busy-looping) while a quota is
         spent or the API is blocked. Raises ShuttingDown if close() is called while waiting.
+        Returns the grant's number (None if unknown), for :meth:`server_signal`.
 
         ``lane=None`` is a live call; a replay's call also takes a token of its lane's bucket
         (``share`` of the rate) and a unit of its share of each quota, and is held while either
@@ -73,6 +79,12 @@ class Limiter(Protocol):
 
     async def block(self, api: str, seconds: float) -> None:
         """Pause calls to ``api`` from every worker for ``seconds`` (server's Retry-After)."""
+
+    async def server_signal(
+        self, api: str, remaining: int, reset: float, grant: int | None = None
+    ) -> None:
+        """The answer to the call granted as number ``grant`` said ``remaining`` calls are left
+        for ``reset`` seconds: every worker keeps within that, evenly paced (none left: block)."""
 
     async def close(self) -> None:
         """Make pending and later ``acquire`` calls raise ShuttingDown."""
@@ -90,13 +102,14 @@ def acquire_args(
 
 def parse_reply(reply: list[Any]) -> Decision:
     """The ``acquire.lua`` reply as a Decision (times in seconds)."""
-    granted, wait_us, reason, *remaining, rate = reply
+    granted, wait_us, reason, *remaining, rate, number = reply
     return Decision(
         granted=int(granted) == 1,
         wait=int(wait_us) / 1e6,
         reason=text(reason),
         remaining={p: int(n) for p, n in zip(PERIODS, remaining, strict=True) if int(n) >= 0},
         rate=float(text(rate)),
+        grant=int(number) if int(number) >= 0 else None,
     )
 
 
@@ -164,6 +177,7 @@ class RedisLimiter(LimiterBase):
         self._clock = clock
         self._acquire_script = redis.register_script(load_script("acquire.lua"))
         self._block_script = redis.register_script(load_script("block.lua"))
+        self._budget_script = redis.register_script(load_script("server_budget.lua"))
         self._health = _Health(on_unavailable)
         self._local = (
             LocalFallback(self._apis, local_share, clock) if on_unavailable == "local" else None
@@ -245,6 +259,29 @@ class RedisLimiter(LimiterBase):
         except redis.exceptions.RedisError as exc:  # never fail the caller's retry path
             log.warning("could not store a block in Redis: %s: %s", type(exc).__name__, exc)
 
+    async def server_signal(
+        self, api: str, remaining: int, reset: float, grant: int | None = None
+    ) -> None:
+        """Follow the API's own figures for every worker: after grant number ``grant``,
+        ``remaining`` calls until ``reset`` seconds from now (``lua/server_budget.lua``); with
+        none left, also block the API until the reset. Never raises for Redis: the figures are
+        advice, and the call they came with is already made."""
+        self._check(api)
+        if reset <= 0 or self._closed:
+            return
+        if remaining <= 0:
+            await self.block(api, reset)
+        keys = self._keys[api]
+        number = "" if grant is None else str(grant)
+        args = [str(max(0, int(remaining))), repr(float(reset)), number]
+        script = self._budget_script(keys=[keys.server_budget, keys.granted], args=args)
+        try:
+            await asyncio.wait_for(script, self._timeout)
+        except REDIS_ERRORS as exc:
+            self._health.failed(self._clock(), exc)
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not store a server budget: %s: %s", type(exc).__name__, exc)
+
     async def _store_block(self, api: str, seconds: float) -> None:
         script = self._block_script(keys=[self._keys[api].blocked], args=[repr(seconds)])
         await asyncio.wait_for(script, self._timeout)
@@ -269,10 +306,22 @@ class RedisLimiter(LimiterBase):
         rate: float | None = None,
         burst: int | None = None,
         quotas: Mapping[str, int | None] | None = None,
+        shadow_rate: float | None = None,
+        shadow_burst: int | None = None,
     ) -> None:
-        """Override ``api``'s rate (calls/s), burst or quotas for every worker."""
+        """Override ``api``'s rate (calls/s), burst or quotas for every worker, or set a shadow
+        limit (measured, not enforced)."""
         self._check(api)
-        await set_overrides(self._redis, self._app_id, api, rate=rate, burst=burst, quotas=quotas)
+        await set_overrides(
+            self._redis,
+            self._app_id,
+            api,
+            rate=rate,
+            burst=burst,
+            quotas=quotas,
+            shadow_rate=shadow_rate,
+            shadow_burst=shadow_burst,
+        )
 
     async def reset_overrides(self, api: str, *, reset_usage: bool = False) -> None:
         """Drop ``api``'s overrides (and with ``reset_usage`` its current quota counters)."""

@@ -47,6 +47,16 @@ def format_usage(usage: ApiUsage, api: ApiSettings) -> str:
     lines = [f"{usage.api}: rate {rate}, burst {burst}"]
     if usage.blocked_until is not None:
         lines.append(f"  blocked until {usage.blocked_until.isoformat()} (server Retry-After)")
+    if (server := usage.server) is not None:
+        lines.append(
+            f"  server budget (its rate-limit headers): {max(0, server.left)} calls left until "
+            f"{server.reset_at.isoformat()}, paced at {server.pace:.4g}/s"
+        )
+    if (shadow := usage.shadow) is not None:
+        lines.append(
+            f"  shadow rate {shadow.rate:g}/s, burst {shadow.burst} (not enforced): would have "
+            f"delayed {shadow.delayed} of {shadow.calls} calls since set"
+        )
     for quota in usage.quotas:
         lines.append(
             f"  quota {quota.limit}/{quota.period}: used {quota.used}, "
@@ -64,13 +74,18 @@ async def set_limits(
     rate: str | None = None,
     burst: int | None = None,
     quotas: Sequence[str] = (),
+    shadow_rate: str | None = None,
+    shadow_burst: int | None = None,
 ) -> None:
-    """Store run-time overrides that every running worker applies at its next call."""
+    """Store run-time overrides that every running worker applies at its next call; a shadow
+    rate (and burst) is measured at every call but never enforced, and starts a new count."""
     _api(config, api)
-    per_second = None
-    if rate is not None:
-        count, per = _parsed("--rate", parse_rate, rate)
-        per_second = count / per
+    per_second = _per_second("--rate", rate)
+    shadow_per_second = _per_second("--shadow-rate", shadow_rate)
+    if shadow_burst is not None and shadow_rate is None:
+        raise BadArgument("--shadow-burst", "needs --shadow-rate")
+    if shadow_burst is not None and shadow_burst < 1:
+        raise BadArgument("--shadow-burst", f"must be at least 1, got {shadow_burst}")
     quota_limits: dict[str, int | None] = {}
     for text in quotas:
         limit, period = _parsed("--quota", parse_quota, text)
@@ -80,10 +95,24 @@ async def set_limits(
     redis = connect_redis(config)
     try:
         await set_overrides(
-            redis, config.app_id, api, rate=per_second, burst=burst, quotas=quota_limits
+            redis,
+            config.app_id,
+            api,
+            rate=per_second,
+            burst=burst,
+            quotas=quota_limits,
+            shadow_rate=shadow_per_second,
+            shadow_burst=shadow_burst,
         )
     finally:
         await redis.aclose()
+
+
+def _per_second(option: str, rate: str | None) -> float | None:
+    if rate is None:
+        return None
+    count, per = _parsed(option, parse_rate, rate)
+    return count / per
 
 
 def _parsed(option: str, parse: Callable[[str], T], text: str) -> T:

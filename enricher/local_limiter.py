@@ -6,9 +6,9 @@ override is noticed within ``retry_cap``) and ask again. It never busy-loops, an
 cancels every pending sleep or decision so waiters raise :class:`ShuttingDown` at once.
 
 :class:`MemoryLimiter` makes the same decisions as ``lua/acquire.lua`` (GCRA reservation, UTC
-calendar quotas, run-time overrides, Retry-After blocks, replay lanes) for one process with an
-injectable clock: logic tests and the dev stack use it. :class:`LocalFallback` serves
-``on_unavailable: local``.
+calendar quotas, run-time overrides, Retry-After blocks, replay lanes, the server's budget,
+shadow limits) for one process with an injectable clock: logic tests and the dev stack use it.
+:class:`LocalFallback` serves ``on_unavailable: local``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,22 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from aiolimiter import AsyncLimiter
 
 from .errors import ShuttingDown
 from .lanes import Lane
-from .quota import PERIODS, ApiLimits, ApiUsage, Limits, override_fields, period_bounds
+from .quota import (
+    PERIODS,
+    ApiLimits,
+    ApiUsage,
+    Limits,
+    ServerBudget,
+    override_fields,
+    period_bounds,
+)
 from .units import QuotaPeriod
 
 __all__ = ["Decision", "LimiterBase", "LocalFallback", "MemoryLimiter", "gcra", "gcra_slot"]
@@ -47,9 +55,11 @@ ReplayHoldHook = Callable[[str, Lane, str | None], Awaitable[None]]
 class Decision:
     """One answer: granted (sleep ``wait`` seconds, then call) or refused (ask after ``wait``).
 
-    ``reason`` of a refusal: ``blocked``, ``quota:<period>``, ``rate``, ``redis`` (unreachable),
-    and for a replay's call ``replay-quota:<period>`` (its share is used) or ``replay-rate``.
-    ``remaining`` is each quota's remainder after the decision; ``rate`` the effective calls/s.
+    ``reason`` of a refusal: ``blocked``, ``server`` (the server's own budget is spent),
+    ``quota:<period>``, ``rate``, ``redis`` (unreachable), and for a replay's call
+    ``replay-quota:<period>`` (its share is used) or ``replay-rate``. ``remaining`` is each
+    quota's remainder after the decision; ``rate`` the effective calls/s; ``grant`` the number
+    of a granted call (None if not counted), handed back with the server's figures.
     """
 
     granted: bool
@@ -57,6 +67,7 @@ class Decision:
     reason: str = ""
     remaining: Mapping[QuotaPeriod, int] = field(default_factory=dict)
     rate: float | None = None
+    grant: int | None = None
 
 
 def gcra(tat: float, now: float, rate: float, burst: int) -> tuple[float, float]:
@@ -83,8 +94,9 @@ class LimiterBase:
         self._pending: set[asyncio.Future[Any]] = set()
         self.on_replay_hold: ReplayHoldHook | None = None
 
-    async def acquire(self, api: str, lane: Lane | None = None) -> None:
-        """Wait until one call to ``api`` may start; raises ShuttingDown once closed.
+    async def acquire(self, api: str, lane: Lane | None = None) -> int | None:
+        """Wait until one call to ``api`` may start; raises ShuttingDown once closed. Returns the
+        grant's number (None if not counted).
 
         ``lane`` is a replay's lane (``None``: a live call); see ``lua/acquire.lua``."""
         self._check(api)
@@ -97,7 +109,7 @@ class LimiterBase:
             if decision.granted:
                 if decision.wait > 0:
                     await self._guarded(self._sleep(decision.wait))
-                return
+                return decision.grant
             await self._guarded(self._sleep(self._retry_delay(decision)))
 
     async def _tell_hold(self, api: str, lane: Lane, reason: str | None) -> None:
@@ -173,6 +185,9 @@ class MemoryLimiter(LimiterBase):
         self._replay_tat: dict[tuple[str, str], float] = {}
         self._replay_cap: dict[tuple[str, str, QuotaPeriod], tuple[str, int]] = {}
         self._replay_used: dict[tuple[str, str, QuotaPeriod], tuple[str, int]] = {}
+        self._granted: dict[str, int] = defaultdict(int)  # grant numbers
+        self._budget: dict[str, tuple[int, float]] = {}  # the server's (limit, reset at)
+        self._shadow: dict[str, tuple[float, int, int]] = {}  # shadow (tat, delayed, calls)
 
     def _check(self, api: str) -> None:
         if api not in self._apis:
@@ -184,11 +199,13 @@ class MemoryLimiter(LimiterBase):
     def decide(self, api: str, lane: Lane | None = None) -> Decision:
         """One decision now, reserving when granted (the same steps as ``acquire.lua``)."""
         now = self._clock()
-        limits = Limits.of(self._apis[api]).overridden(self._overrides[api])
+        limits, server = self._effective(api, now)
         used = {p: self._count(api, p, now) for p in limits.quotas}
         remaining = {p: max(0, n - used[p]) for p, n in limits.quotas.items()}
         if (blocked := self._blocked.get(api, 0.0)) > now:
             return Decision(False, blocked - now, "blocked", remaining, limits.rate)
+        if server is not None and server[0] <= 0:
+            return Decision(False, server[1] - now, "server", remaining, limits.rate)
         for period in (p for p in PERIODS if p in limits.quotas):
             if used[period] >= limits.quotas[period]:
                 end = period_bounds(period, now)[1]
@@ -227,7 +244,34 @@ class MemoryLimiter(LimiterBase):
                 self._replay_cap[key] = (stamp, caps[period])
                 count = self._replay_count(api, lane.replay_id, period, now)
                 self._replay_used[key] = (stamp, count + 1)
-        return Decision(True, wait, "", remaining, limits.rate)
+        self._granted[api] += 1
+        self._measure_shadow(api, slot)
+        return Decision(True, wait, "", remaining, limits.rate, self._granted[api])
+
+    def _effective(self, api: str, now: float) -> tuple[Limits, tuple[int, float] | None]:
+        """Config and overrides, paced by the server's budget when slower (burst 1); and that
+        budget's (calls left, reset at), as in acquire.lua."""
+        limits = Limits.of(self._apis[api]).overridden(self._overrides[api])
+        limit, reset_at = self._budget.get(api, (0, 0.0))
+        if reset_at <= now:
+            return limits, None
+        left = limit - self._granted[api]
+        if left > 0 and (pace := left / (reset_at - now)) < limits.rate:
+            limits = replace(limits, rate=pace, burst=1)
+        return limits, (left, reset_at)
+
+    def _measure_shadow(self, api: str, slot: float) -> None:
+        """The shadow limit at the call's slot: a GCRA policer, never enforced (acquire.lua)."""
+        overrides = self._overrides[api]
+        if "shadow_rate" not in overrides:
+            return
+        rate, burst = float(overrides["shadow_rate"]), int(overrides.get("shadow_burst", "1"))
+        tat, delayed, calls = self._shadow.get(api, (0.0, 0, 0))
+        if tat - (burst - 1) / rate > slot:
+            delayed += 1
+        else:
+            tat = max(tat, slot) + 1 / rate
+        self._shadow[api] = (tat, delayed, calls + 1)
 
     def _count(self, api: str, period: QuotaPeriod, now: float) -> int:
         stamp, count = self._used.get((api, period), ("", 0))
@@ -259,6 +303,23 @@ class MemoryLimiter(LimiterBase):
         until = self._clock() + max(0.0, seconds)
         self._blocked[api] = max(self._blocked.get(api, 0.0), until)
 
+    async def server_signal(
+        self, api: str, remaining: int, reset: float, grant: int | None = None
+    ) -> None:
+        """After grant number ``grant`` (None: the last one), the server has ``remaining`` calls
+        left for ``reset`` seconds; a tighter budget than the one known for its window replaces
+        it (``lua/server_budget.lua``). None left also blocks ``api`` until the reset."""
+        self._check(api)
+        if reset <= 0:
+            return
+        if remaining <= 0:
+            await self.block(api, reset)
+        now = self._clock()
+        limit = (self._granted[api] if grant is None else grant) + max(0, remaining)
+        known_limit, known_reset = self._budget.get(api, (0, 0.0))
+        if known_reset <= now or limit < known_limit:
+            self._budget[api] = (limit, now + reset)
+
     async def set_overrides(
         self,
         api: str,
@@ -266,15 +327,29 @@ class MemoryLimiter(LimiterBase):
         rate: float | None = None,
         burst: int | None = None,
         quotas: Mapping[str, int | None] | None = None,
+        shadow_rate: float | None = None,
+        shadow_burst: int | None = None,
     ) -> None:
-        """Override ``api``'s rate (calls/s), burst or quotas (``None`` removes a quota)."""
+        """Override ``api``'s rate (calls/s), burst or quotas (``None`` removes a quota), or set
+        a shadow limit (a new one starts a new count)."""
         self._check(api)
-        self._overrides[api].update(override_fields(rate=rate, burst=burst, quotas=quotas))
+        fields = override_fields(
+            rate=rate,
+            burst=burst,
+            quotas=quotas,
+            shadow_rate=shadow_rate,
+            shadow_burst=shadow_burst,
+        )
+        self._overrides[api].update(fields)
+        if "shadow_rate" in fields:
+            self._shadow.pop(api, None)
 
     async def reset_overrides(self, api: str, *, reset_usage: bool = False) -> None:
-        """Drop the overrides, and with ``reset_usage`` the current periods' counters."""
+        """Drop the overrides (and the shadow count), and with ``reset_usage`` the current
+        periods' counters."""
         self._check(api)
         self._overrides.pop(api, None)
+        self._shadow.pop(api, None)
         if reset_usage:
             for period in PERIODS:
                 self._used.pop((api, period), None)
@@ -285,7 +360,18 @@ class MemoryLimiter(LimiterBase):
         now = self._clock()
         used = {p: self._count(api, p, now) for p in PERIODS}
         blocked = self._blocked.get(api, 0.0)
-        return ApiUsage.build(self._apis[api], self._overrides[api], used, blocked, now)
+        _, delayed, calls = self._shadow.get(api, (0.0, 0, 0))
+        limit, reset_at = self._budget.get(api, (0, 0.0))
+        server = ServerBudget.of(limit, reset_at, self._granted[api], now)
+        return ApiUsage.build(
+            self._apis[api],
+            self._overrides[api],
+            used,
+            blocked,
+            now,
+            shadow=(delayed, calls),
+            server=server,
+        )
 
 
 class LocalFallback:

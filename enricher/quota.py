@@ -8,9 +8,20 @@ of one API in one Redis Cluster slot, so one script can touch them all atomicall
     <prefix>blocked                   "blocked until" (Retry-After)   until the block ends + 1 s
     <prefix>overrides                 hash: rate, burst, quota:<p>    30 days, renewed by limits set
     <prefix>quota:<period>:<stamp>    calls granted in that period    until the period ends + 60 s
+    <prefix>server_budget             hash: limit, reset_at (µs)      until the server's reset
+    <prefix>granted                   number of the last grant        32 days, renewed per grant
+    <prefix>shadow:tat                shadow GCRA TAT, µs             until the bucket is full + 1 s
+    <prefix>shadow:delayed            calls the shadow would delay    as the overrides hash
+    <prefix>shadow:calls              calls the shadow saw            as the overrides hash
+    <prefix>circuit:open              open circuit: cool-down end µs  cool-down + 10 min
+    <prefix>circuit:failures          consecutive failed attempts     10 min, renewed per failure
+    <prefix>circuit:probe             the probe's lease (a token)     the API's timeout + 5 s
     <prefix>replay:<id>:tat           a replay's own GCRA TAT, µs     until the bucket is full + 1 s
     <prefix>replay:<id>:cap:<p>:<s>   units the replay may use there  until the period ends + 60 s
     <prefix>replay:<id>:used:<p>:<s>  units the replay used there     until the period ends + 60 s
+
+The overrides hash may also hold ``shadow_rate`` and ``shadow_burst`` (``limits set
+--shadow-rate``): a limit evaluated at every granted call but never enforced (``lua/acquire.lua``).
 
 A replay's cap is ``floor(share x remaining)`` at its first granted call in the period (SET NX);
 its calls also count in the shared ``quota`` counters and take slots of the shared bucket.
@@ -44,6 +55,8 @@ __all__ = [
     "Keys",
     "Limits",
     "QuotaUsage",
+    "ServerBudget",
+    "ShadowUsage",
     "load_script",
     "override_fields",
     "period_bounds",
@@ -132,17 +145,26 @@ def override_fields(
     rate: float | None = None,
     burst: int | None = None,
     quotas: Mapping[str, int | None] | None = None,
+    shadow_rate: float | None = None,
+    shadow_burst: int | None = None,
 ) -> dict[str, str]:
-    """The overrides hash fields for ``limits set``; a quota of ``None`` removes that quota."""
+    """The overrides hash fields for ``limits set``; a quota of ``None`` removes that quota.
+
+    A shadow rate without a shadow burst gets one second's worth of it (at least 1), as in the
+    config; a shadow burst needs a shadow rate."""
     fields: dict[str, str] = {}
     if rate is not None:
-        if not (math.isfinite(rate) and rate > 0):
-            raise ValueError(f"rate must be a positive number of calls per second, got {rate}")
-        fields["rate"] = repr(float(rate))
+        fields["rate"] = _rate_field("rate", rate)
     if burst is not None:
-        if burst < 1:
-            raise ValueError(f"burst must be at least 1, got {burst}")
-        fields["burst"] = str(int(burst))
+        fields["burst"] = _burst_field("burst", burst)
+    if shadow_rate is not None:
+        fields["shadow_rate"] = _rate_field("shadow rate", shadow_rate)
+        fields["shadow_burst"] = _burst_field(
+            "shadow burst",
+            max(1, math.ceil(round(shadow_rate, 9))) if shadow_burst is None else shadow_burst,
+        )
+    elif shadow_burst is not None:
+        raise ValueError("a shadow burst needs a shadow rate")
     for period, limit in (quotas or {}).items():
         if period not in PERIODS:
             raise ValueError(f"quota period must be one of {', '.join(PERIODS)}, got {period!r}")
@@ -150,6 +172,18 @@ def override_fields(
             raise ValueError(f"a quota cannot be negative, got {limit}")
         fields[f"quota:{period}"] = str(-1 if limit is None else int(limit))
     return fields
+
+
+def _rate_field(name: str, rate: float) -> str:
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"{name} must be a positive number of calls per second, got {rate}")
+    return repr(float(rate))
+
+
+def _burst_field(name: str, burst: int) -> str:
+    if burst < 1:
+        raise ValueError(f"{name} must be at least 1, got {burst}")
+    return str(int(burst))
 
 
 def period_bounds(period: QuotaPeriod, now: float) -> tuple[float, float, str]:
@@ -199,6 +233,30 @@ class Keys:
     def quota(self, period: QuotaPeriod, stamp: str) -> str:
         return f"{self.quota_prefix}{period}:{stamp}"
 
+    @property
+    def server_budget(self) -> str:
+        return self.prefix + "server_budget"
+
+    @property
+    def granted(self) -> str:
+        return self.prefix + "granted"
+
+    @property
+    def shadow_prefix(self) -> str:
+        return self.prefix + "shadow:"
+
+    @property
+    def shadow(self) -> tuple[str, str, str]:
+        """The shadow bucket's keys: TAT, delayed count, calls seen."""
+        prefix = self.shadow_prefix
+        return prefix + "tat", prefix + "delayed", prefix + "calls"
+
+    @property
+    def circuit(self) -> tuple[str, str, str]:
+        """The circuit breaker's keys: open (cool-down end), failures, probe lease."""
+        prefix = self.prefix + "circuit:"
+        return prefix + "open", prefix + "failures", prefix + "probe"
+
     def replay_prefix(self, replay_id: str) -> str:
         return f"{self.prefix}replay:{replay_id}:"
 
@@ -212,8 +270,9 @@ class Keys:
         return f"{self.replay_prefix(replay_id)}used:{period}:{stamp}"
 
     def acquire(self, replay_id: str | None = None) -> list[str]:
-        """KEYS of ``acquire.lua``: four for a live call, six for a replay's call."""
+        """KEYS of ``acquire.lua``: seven for a live call, nine for a replay's call."""
         keys = [self.tat, self.blocked, self.overrides, self.quota_prefix]
+        keys += [self.server_budget, self.granted, self.shadow_prefix]
         if replay_id is not None:
             keys += [self.replay_tat(replay_id), self.replay_prefix(replay_id)]
         return keys
@@ -231,8 +290,60 @@ class QuotaUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowUsage:
+    """A shadow limit (``limits set --shadow-rate``): of the ``calls`` granted since it was set,
+    ``delayed`` would have had to wait under it."""
+
+    rate: float
+    burst: int
+    delayed: int = 0
+    calls: int = 0
+
+    @classmethod
+    def of(cls, overrides: Mapping[str, str], delayed: int, calls: int) -> ShadowUsage | None:
+        rate, burst = overrides.get("shadow_rate"), overrides.get("shadow_burst")
+        if rate is None:
+            return None
+        return cls(float(rate), int(float(burst or 1)), delayed, calls)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rate_per_second": self.rate,
+            "burst": self.burst,
+            "delayed": self.delayed,
+            "calls": self.calls,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ServerBudget:
+    """What the API's own rate-limit headers left: ``left`` calls until ``reset_at``, spread
+    over every worker at ``pace`` calls/s (see ``lua/acquire.lua``)."""
+
+    left: int
+    reset_at: datetime
+    pace: float
+
+    @classmethod
+    def of(cls, limit: int, reset_at: float, granted: int, now: float) -> ServerBudget | None:
+        if reset_at <= now:
+            return None
+        left = limit - granted
+        return cls(left, _utc(reset_at), max(0, left) / (reset_at - now))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "left": self.left,
+            "reset_at": self.reset_at.isoformat(),
+            "pace_per_second": self.pace,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ApiUsage:
-    """What ``enricher limits show`` prints for one API."""
+    """What ``enricher limits show`` prints for one API.
+
+    ``server`` is the budget the API's own rate-limit headers set (None: none known)."""
 
     api: str
     rate: float
@@ -240,6 +351,8 @@ class ApiUsage:
     overrides: Mapping[str, str]
     quotas: tuple[QuotaUsage, ...]
     blocked_until: datetime | None
+    shadow: ShadowUsage | None = None
+    server: ServerBudget | None = None
 
     @classmethod
     def build(
@@ -249,8 +362,12 @@ class ApiUsage:
         used: Mapping[QuotaPeriod, int],
         blocked_until: float,
         now: float,
+        *,
+        shadow: tuple[int, int] = (0, 0),
+        server: ServerBudget | None = None,
     ) -> ApiUsage:
-        """Usage from raw figures (``used`` per period, times in epoch seconds)."""
+        """Usage from raw figures (``used`` per period, times in epoch seconds; ``shadow`` is
+        (delayed, calls))."""
         limits = Limits.of(api).overridden(overrides)
         quotas = tuple(
             QuotaUsage(
@@ -259,7 +376,16 @@ class ApiUsage:
             for p, n in sorted(limits.quotas.items(), key=lambda item: PERIODS.index(item[0]))
         )
         blocked = _utc(blocked_until) if blocked_until > now else None
-        return cls(api.name, limits.rate, limits.burst, dict(overrides), quotas, blocked)
+        return cls(
+            api.name,
+            limits.rate,
+            limits.burst,
+            dict(overrides),
+            quotas,
+            blocked,
+            ShadowUsage.of(overrides, *shadow),
+            server,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form; times are ISO-8601 UTC."""
@@ -279,6 +405,8 @@ class ApiUsage:
                 for q in self.quotas
             ],
             "blocked_until": self.blocked_until.isoformat() if self.blocked_until else None,
+            "shadow": self.shadow.as_dict() if self.shadow else None,
+            "server": self.server.as_dict() if self.server else None,
         }
 
 
@@ -311,15 +439,26 @@ async def read_usage(client: aioredis.Redis, app_id: str, api: ApiLimits) -> Api
         pipe = client.pipeline(transaction=False)
         pipe.hgetall(keys.overrides)
         pipe.get(keys.blocked)
+        pipe.hmget(keys.server_budget, ["limit", "reset_at"])
+        pipe.get(keys.granted)
+        pipe.mget(keys.shadow[1:])
         for period, stamp in stamps.items():
             pipe.get(keys.quota(period, stamp))
-        raw_overrides, blocked, *counts = await pipe.execute()
+        raw_overrides, blocked, budget, granted, shadow, *counts = await pipe.execute()
     except REDIS_ERRORS as exc:
         raise ServiceUnavailable("redis", str(exc)) from exc
     overrides = {text(k): text(v) for k, v in cast(dict[Any, Any], raw_overrides).items()}
     used = {p: int(text(c)) for p, c in zip(PERIODS, counts, strict=True) if c is not None}
     blocked_until = int(text(blocked)) / 1e6 if blocked is not None else 0.0
-    return ApiUsage.build(api, overrides, used, blocked_until, now)
+    delayed, calls = (int(text(n)) if n is not None else 0 for n in shadow)
+    server = None
+    if None not in budget:
+        number = int(text(granted)) if granted is not None else 0
+        limit, reset_at = (int(text(n)) for n in budget)
+        server = ServerBudget.of(limit, reset_at / 1e6, number, now)
+    return ApiUsage.build(
+        api, overrides, used, blocked_until, now, shadow=(delayed, calls), server=server
+    )
 
 
 async def replay_usage(
@@ -360,20 +499,27 @@ async def set_overrides(
     rate: float | None = None,
     burst: int | None = None,
     quotas: Mapping[str, int | None] | None = None,
+    shadow_rate: float | None = None,
+    shadow_burst: int | None = None,
 ) -> None:
     """``limits set``: store overrides that every worker applies at its next decision.
 
-    ``rate`` in calls/s; a quota of ``None`` removes that period's quota. The hash's TTL
-    (:data:`OVERRIDES_TTL`) is renewed by every set. Raises ValueError, ServiceUnavailable.
+    ``rate`` in calls/s; a quota of ``None`` removes that period's quota. A shadow rate (calls/s,
+    with its burst) starts a new shadow count. The hash's TTL (:data:`OVERRIDES_TTL`) is renewed
+    by every set. Raises ValueError, ServiceUnavailable.
     """
-    fields = override_fields(rate=rate, burst=burst, quotas=quotas)
+    fields = override_fields(
+        rate=rate, burst=burst, quotas=quotas, shadow_rate=shadow_rate, shadow_burst=shadow_burst
+    )
     if not fields:
         return
-    key = Keys.of(app_id, api).overrides
+    keys = Keys.of(app_id, api)
     try:
         pipe = client.pipeline(transaction=True)
-        pipe.hset(key, mapping={k: v for k, v in fields.items()})
-        pipe.expire(key, OVERRIDES_TTL)
+        pipe.hset(keys.overrides, mapping={k: v for k, v in fields.items()})
+        pipe.expire(keys.overrides, OVERRIDES_TTL)
+        if "shadow_rate" in fields:
+            pipe.delete(*keys.shadow)
         await pipe.execute()
     except REDIS_ERRORS as exc:
         raise ServiceUnavailable("redis", str(exc)) from exc
@@ -382,10 +528,11 @@ async def set_overrides(
 async def reset_overrides(
     client: aioredis.Redis, app_id: str, api: str, *, reset_usage: bool = False
 ) -> None:
-    """``limits reset``: drop the overrides; ``reset_usage`` also drops this period's counters."""
+    """``limits reset``: drop the overrides (the shadow limit and its counts too);
+    ``reset_usage`` also drops this period's counters."""
     keys = Keys.of(app_id, api)
     try:
-        doomed = [keys.overrides]
+        doomed = [keys.overrides, *keys.shadow]
         if reset_usage:
             now = await redis_now(client)
             doomed += [keys.quota(p, period_bounds(p, now)[2]) for p in PERIODS]

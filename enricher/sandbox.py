@@ -12,9 +12,17 @@ Endpoints (every one except ``/stats`` counts as a call)::
     POST /stats/reset         forget it all
 
 Each call, in order: counted on arrival (a real provider counts attempts); refused with ``429`` and
-``Retry-After`` (integer seconds, at least 1) when its token bucket is empty; then the first
-``fail_first_n`` admitted calls get ``fail_status``; then a seeded draw picks 500/502/503 with
-probability ``error_rate``; then ``latency`` is slept; then the answer. 429s are not delayed.
+``Retry-After`` (integer seconds, at least 1) when its token bucket is empty, or when the fixed
+window's ``window_limit`` is used (windows of ``window`` seconds aligned on the epoch); then, with
+``failing``, every admitted call gets ``fail_status``; then the first ``fail_first_n`` admitted
+calls get ``fail_status``; then a seeded draw picks 500/502/503 with probability ``error_rate``;
+then ``latency`` is slept; then the answer. 429s are not delayed.
+
+With a ``window_limit``, ``ratelimit_headers`` describes the window on every answer (``x``:
+``X-RateLimit-Limit/Remaining/Reset`` with Reset in seconds; ``x-epoch``: Reset as epoch seconds;
+``ietf``: ``RateLimit: "window";r=R;t=T`` and ``RateLimit-Policy: "window";q=L;w=W``;
+``ietf-dict``: ``RateLimit: limit=L, remaining=R, reset=T``); reset times are whole seconds,
+rounded up.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -77,6 +85,10 @@ class SandboxSettings:
     )
     retry_after_date: bool = False  # send Retry-After as an HTTP date instead of seconds
     path_latency: Mapping[str, float] = field(default_factory=dict)  # extra delay per exact path
+    window_limit: int | None = None  # admitted calls per fixed window; None = no window
+    window: float = 1.0  # seconds per window
+    ratelimit_headers: Literal["none", "x", "x-epoch", "ietf", "ietf-dict"] = "none"
+    failing: bool = False  # every admitted call gets fail_status (an API that is down)
 
     def __post_init__(self) -> None:
         low, high = self.latency if isinstance(self.latency, tuple) else (self.latency,) * 2
@@ -87,6 +99,8 @@ class SandboxSettings:
             "error_rate must be within 0..1": 0.0 <= self.error_rate <= 1.0,
             "fail_first_n must be >= 0": self.fail_first_n >= 0,
             "fail_status must be 400..599": 400 <= self.fail_status <= 599,
+            "window_limit must be >= 1": self.window_limit is None or self.window_limit >= 1,
+            "window must be > 0": self.window > 0,
         }
         for message, ok in checks.items():
             if not ok:
@@ -235,6 +249,40 @@ class _State:
         self.faults = random.Random(settings.seed)
         self.delays = random.Random(settings.seed + 1)
         self.admitted = 0
+        self.window_index, self.window_used = -1, 0
+
+    def take_window(self) -> tuple[bool, dict[str, str], int]:
+        """One unit of the fixed window: (admitted, the headers describing the window, whole
+        seconds until it resets)."""
+        limit, width = self.settings.window_limit, self.settings.window
+        if limit is None:
+            return True, {}, 0
+        now = time.time()
+        index = math.floor(now / width)
+        if index != self.window_index:
+            self.window_index, self.window_used = index, 0
+        admitted = self.window_used < limit
+        self.window_used += admitted
+        reset = max(1, math.ceil((index + 1) * width - now))
+        return admitted, self._window_headers(limit, limit - self.window_used, reset), reset
+
+    def _window_headers(self, limit: int, remaining: int, reset: int) -> dict[str, str]:
+        kind, width = self.settings.ratelimit_headers, self.settings.window
+        if kind in ("x", "x-epoch"):
+            end = reset if kind == "x" else math.ceil(time.time() + reset)
+            return {
+                "X-RateLimit-Limit": str(limit),
+                "X-RateLimit-Remaining": str(remaining),
+                "X-RateLimit-Reset": str(end),
+            }
+        if kind == "ietf":
+            return {
+                "RateLimit": f'"window";r={remaining};t={reset}',
+                "RateLimit-Policy": f'"window";q={limit};w={math.ceil(width)}',
+            }
+        if kind == "ietf-dict":
+            return {"RateLimit": f"limit={limit}, remaining={remaining}, reset={reset}"}
+        return {}
 
     def reset(self) -> None:
         self.recorder = _Recorder()
@@ -243,7 +291,7 @@ class _State:
     def fault(self) -> int | None:
         """The status this admitted call must fail with, if any (deterministic by seed)."""
         self.admitted += 1
-        if self.admitted <= self.settings.fail_first_n:
+        if self.settings.failing or self.admitted <= self.settings.fail_first_n:
             return self.settings.fail_status
         if self.settings.error_rate and self.faults.random() < self.settings.error_rate:
             return self.faults.choice(_FAULTS)
@@ -303,13 +351,21 @@ async def _gate(
     if wait > 0:
         body = {"error": "rate limit exceeded"}
         return web.json_response(body, status=429, headers=state.retry_after(wait))
+    admitted, window, reset = state.take_window()
+    if not admitted:
+        headers = {**window, **state.retry_after(reset)}
+        return web.json_response({"error": "window limit exceeded"}, status=429, headers=headers)
     state.recorder.admit(second)
     fault = state.fault()
     await asyncio.sleep(state.delay(request.path))
+    answer: web.StreamResponse
     if fault is not None:
         headers = state.retry_after(None) if fault in (429, 503) else {}
-        return web.json_response({"error": "injected fault"}, status=fault, headers=headers)
-    return await handler(request)
+        answer = web.json_response({"error": "injected fault"}, status=fault, headers=headers)
+    else:
+        answer = await handler(request)
+    answer.headers.update(window)
+    return answer
 
 
 async def _geo(request: web.Request) -> web.Response:

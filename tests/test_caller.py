@@ -51,6 +51,7 @@ class FakeLimiter:
         self.acquired: list[str] = []
         self.lanes: list[Lane | None] = []
         self.blocked: list[tuple[str, float]] = []
+        self.signals: list[tuple[str, int, float]] = []
         self.fail_with = fail_with
 
     async def acquire(self, api: str, lane: Lane | None = None) -> None:
@@ -61,6 +62,11 @@ class FakeLimiter:
 
     async def block(self, api: str, seconds: float) -> None:
         self.blocked.append((api, seconds))
+
+    async def server_signal(
+        self, api: str, remaining: int, reset: float, grant: int | None = None
+    ) -> None:
+        self.signals.append((api, remaining, reset))
 
 
 class FakeSleep:
@@ -246,6 +252,23 @@ async def test_absurd_retry_after_is_capped(backend: Backend, harness: Harness) 
     await harness.call(api)
     assert harness.limiter.blocked == [("geo", 20.0)]
     assert harness.sleep.delays == [20.0]
+
+
+async def test_rate_limit_headers_go_to_the_limiter_with_the_reset_capped(
+    backend: Backend, harness: Harness
+) -> None:
+    backend.script.extend(
+        [
+            _json(200, {"ok": 1}, **{"X-RateLimit-Remaining": "3", "X-RateLimit-Reset": "20"}),
+            _json(503, **{"RateLimit": '"default";r=0;t=999999'}),
+            _json(200, {"ok": 2}),
+        ]
+    )
+    api = Api("geo", backend.base + "/script", retry=Retry(max_retry_after=30.0))
+    assert await harness.call(api) == {"ok": 1}
+    assert await harness.call(api) == {"ok": 2}
+    assert harness.limiter.signals == [("geo", 3, 20.0), ("geo", 0, 30.0)]
+    assert harness.limiter.blocked == []  # no Retry-After: the limiter decides
 
 
 # --- failures ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from enricher.config import (
     ApiSettings,
+    CircuitSettings,
     Config,
     Rate,
     config_from_dict,
@@ -447,3 +448,28 @@ def test_default_config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     env = {"ENRICHER_CONFIG": str(tmp_path / "other.yaml")}
     assert load_config_or_default_path(None, env=env).app_id == "env"
     assert load_config_or_default_path("explicit.yaml", env=env).app_id == "explicit"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("circuit: {failures: -1}", "apis.geo.circuit.failures", ">= 0"),
+        ("circuit: {failures: yes}", "apis.geo.circuit.failures", "expected a number"),
+        ("circuit: {cool_down: 0}", "apis.geo.circuit.cool_down", "> 0"),
+        ("circuit: {cool_down: soon}", "apis.geo.circuit.cool_down", "duration"),
+        ("circuit: {failure: 3}", "apis.geo.circuit.failure", "unknown key"),
+    ],
+)
+def test_circuit_settings_are_validated(text: str, key: str, words: str) -> None:
+    error = config_error(api_yaml(text))
+    assert error.key == key and words in error.message
+
+
+def test_circuit_defaults_and_rendering() -> None:
+    geo = parse_config(api_yaml(), env={}).apis["geo"]
+    assert geo.circuit == CircuitSettings(failures=5, cool_down=10.0)
+    config = parse_config(api_yaml("circuit: {failures: 0, cool_down: 300ms}"), env={})
+    assert config.apis["geo"].circuit == CircuitSettings(failures=0, cool_down=0.3)
+    rendered = render_effective(config)
+    assert "    circuit:\n      failures: 0\n      cool_down: 300ms\n" in rendered
+    assert parse_config(rendered, env={}) == config

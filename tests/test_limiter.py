@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import logging
 import math
 import random
@@ -18,23 +19,38 @@ from typing import Any, Protocol
 import pytest
 import redis.asyncio as aioredis
 
-from enricher.config import ApiSettings
-from enricher.errors import ShuttingDown
+from enricher.config import ApiSettings, config_from_dict
+from enricher.errors import BadArgument, ShuttingDown
 from enricher.lanes import Lane
 from enricher.limiter import MemoryLimiter, RedisLimiter, acquire_args, parse_reply
+from enricher.limits_cli import reset_limits, set_limits, show_limits
 from enricher.local_limiter import Decision, LocalFallback
-from enricher.quota import PERIODS, ApiUsage, Keys, Limits, load_script, period_bounds
+from enricher.quota import (
+    PERIODS,
+    ApiUsage,
+    Keys,
+    Limits,
+    ShadowUsage,
+    load_script,
+    period_bounds,
+    read_usage,
+    reset_overrides,
+    set_overrides,
+)
 from enricher.services import EmbeddedRedis
 from enricher.units import QuotaPeriod
 
 
 class AnyLimiter(Protocol):
-    async def acquire(self, api: str, lane: Lane | None = None) -> None: ...
+    async def acquire(self, api: str, lane: Lane | None = None) -> int | None: ...
     async def _decide(self, api: str, lane: Lane | None) -> Decision: ...
     async def replay_usage(
         self, api: str, replay_id: str
     ) -> dict[QuotaPeriod, dict[str, int | None]]: ...
     async def block(self, api: str, seconds: float) -> None: ...
+    async def server_signal(
+        self, api: str, remaining: int, reset: float, grant: int | None = None
+    ) -> None: ...
     async def close(self) -> None: ...
     async def usage(self, api: str) -> ApiUsage: ...
     async def reset_overrides(self, api: str, *, reset_usage: bool = False) -> None: ...
@@ -45,6 +61,8 @@ class AnyLimiter(Protocol):
         rate: float | None = None,
         burst: int | None = None,
         quotas: Mapping[str, int | None] | None = None,
+        shadow_rate: float | None = None,
+        shadow_burst: int | None = None,
     ) -> None: ...
 
 
@@ -96,6 +114,29 @@ async def saturate(
     for task in callers:
         task.cancel()
     await asyncio.gather(*callers, return_exceptions=True)
+    return times
+
+
+def shadow_twin(slots: Sequence[float], rate: float, burst: int, interval: float = 0.0) -> int:
+    """The calls a GCRA policer of ``rate``/``burst`` would have delayed, among calls made at
+    ``slots`` (in decision order): the Python twin of the shadow in ``acquire.lua``."""
+    interval = interval or 1 / rate
+    tat, delayed = 0.0, 0
+    for slot in slots:
+        if tat - (burst - 1) * interval > slot:
+            delayed += 1
+        else:
+            tat = max(tat, slot) + interval
+    return delayed
+
+
+def arrivals(n: int, per_second: float, seed: int = 3) -> list[float]:
+    """``n`` irregular arrival times (epoch seconds), ``per_second`` on average."""
+    rng, moment = random.Random(seed), 1_700_000_000.0
+    times = []
+    for _ in range(n):
+        moment += rng.expovariate(per_second) if rng.random() < 0.8 else 0.0  # some bunched
+        times.append(moment)
     return times
 
 
@@ -172,6 +213,8 @@ async def test_burst_then_paced_by_reservation(make: Factory) -> None:
     rate, burst, n = 50, 5, 80
     limiter = make(apis(("geo", f"{rate}/s", burst, ())))
     await asyncio.gather(*(limiter.usage("geo") for _ in range(n)))  # open the connections
+    # A shadow limit of 5/s enforces nothing: every figure below is the same without it.
+    await limiter.set_overrides("geo", shadow_rate=5.0, shadow_burst=1)
     start = asyncio.get_running_loop().time()
     times = await timed_acquires(limiter, "geo", n)
 
@@ -182,6 +225,9 @@ async def test_burst_then_paced_by_reservation(make: Factory) -> None:
     gaps = [b - a for a, b in zip(times[burst:], times[burst + 1 :], strict=False)]
     assert 0.8 / rate <= statistics.median(gaps) <= 1.2 / rate  # spread ~1/rate apart ...
     assert max_in_window(times[burst:], 0.1) <= 0.1 * rate + 2  # ... not bunched
+    shadow = (await limiter.usage("geo")).shadow
+    assert shadow is not None and (shadow.rate, shadow.burst, shadow.calls) == (5.0, 1, n)
+    assert abs(shadow.delayed - shadow_twin(times, 5.0, 1)) <= 2  # measured, not Redis, times
 
 
 async def test_quota_lets_exactly_n_through_then_holds_until_raised(make: Factory) -> None:
@@ -277,6 +323,32 @@ async def test_rejects_unknown_api_and_bad_overrides(make: Factory) -> None:
         await limiter.set_overrides("geo", burst=0)
     with pytest.raises(ValueError, match="period"):
         await limiter.set_overrides("geo", quotas={"week": 3})
+
+
+async def test_server_budget_paces_then_holds_every_call(make: Factory) -> None:
+    limiter = make(apis(("geo", "100/s", 10, ()), ("big", "100/s", 10, ())))
+    first = await limiter._decide("geo", None)
+    assert first.granted and first.grant is not None
+    await limiter.server_signal("geo", 2, 0.5, first.grant)  # its answer: 2 left for 0.5 s
+    paced = [await limiter._decide("geo", None) for _ in range(2)]
+    assert [d.granted for d in paced] == [True, True]
+    assert paced[0].rate == pytest.approx(4.0, rel=0.05)  # 2 left over 0.5 s, burst 1
+    assert 0.2 <= paced[1].wait <= 0.26  # spread out, not at our 100/s
+    spent = await limiter._decide("geo", None)
+    assert (spent.granted, spent.reason) == (False, "server") and 0.4 < spent.wait <= 0.5
+    server = (await limiter.usage("geo")).server
+    assert server is not None and (server.left, server.pace) == (0, 0.0)
+    assert 0.4 < server.reset_at.timestamp() - time.time() <= 0.5
+    # An answer that arrives late, from before the others, cannot loosen it.
+    await limiter.server_signal("geo", 5, 0.5, first.grant)
+    assert (await limiter._decide("geo", None)).reason == "server"
+
+    grant = await limiter.acquire("big")
+    await limiter.server_signal("big", 1000, 1.0, grant)  # more than our rate: no pacing
+    assert (await limiter._decide("big", None)).rate == 100.0
+    await limiter.server_signal("big", 0, 2.0, grant)  # none left: blocked until the reset
+    refused = await limiter._decide("big", None)
+    assert (refused.granted, refused.reason) == (False, "blocked") and 1.9 < refused.wait <= 2.0
 
 
 # --- contract: replay lanes -------------------------------------------------------------------
@@ -395,7 +467,110 @@ async def test_memory_quota_holds_until_the_month_resets() -> None:
     assert len(sleeps) <= 4  # slept to the reset, in capped steps: no busy loop
 
 
+async def test_memory_shadow_counts_what_its_twin_counts() -> None:
+    now = [0.0]
+    shadowed = MemoryLimiter(apis=apis(("geo", "50/s", 5, ())), clock=lambda: now[0])
+    plain = MemoryLimiter(apis=apis(("geo", "50/s", 5, ())), clock=lambda: now[0])
+    await shadowed.set_overrides("geo", shadow_rate=5.0, shadow_burst=2)
+    slots = []
+    for moment in arrivals(300, 80.0):
+        now[0] = moment
+        decision = shadowed.decide("geo")
+        assert decision == plain.decide("geo")  # the shadow enforces nothing
+        if decision.granted:
+            slots.append(moment + decision.wait)
+    expected = shadow_twin(slots, 5.0, 2)
+    assert (await shadowed.usage("geo")).shadow == ShadowUsage(5.0, 2, expected, len(slots))
+    assert 0 < expected < len(slots)
+    await shadowed.set_overrides("geo", shadow_rate=2.0)  # a new shadow: a new count
+    assert (await shadowed.usage("geo")).shadow == ShadowUsage(2.0, 2, 0, 0)
+    await shadowed.reset_overrides("geo")
+    assert (await shadowed.usage("geo")).shadow is None
+
+
 # --- Redis only ------------------------------------------------------------------------------
+
+
+async def test_redis_shadow_counts_what_its_twin_counts(redis_client: aioredis.Redis) -> None:
+    script = redis_client.register_script(load_script("acquire.lua"))
+    await set_overrides(redis_client, "shadow", "geo", shadow_rate=5.0, shadow_burst=2)
+    shadowed, plain = Keys.of("shadow", "geo"), Keys.of("shadow", "plain")
+    slots: list[float] = []
+    for moment in arrivals(300, 80.0):
+        now_us = round(moment * 1e6)
+        args = acquire_args(Limits(50.0, 5), 1.0, now_us)
+        decision = parse_reply(await script(keys=shadowed.acquire(), args=args))
+        assert decision == parse_reply(await script(keys=plain.acquire(), args=args))
+        if decision.granted:
+            slots.append(now_us + round(decision.wait * 1e6))
+    expected = shadow_twin(slots, 5.0, 2, interval=200_000)  # µs, as the script counts
+    assert 0 < expected < len(slots)
+    tat, delayed, calls = shadowed.shadow
+    assert [await redis_client.get(delayed), await redis_client.get(calls)] == [
+        str(expected).encode(),
+        str(len(slots)).encode(),
+    ]
+    for key in (delayed, calls, shadowed.overrides):  # the counters live as long as the shadow
+        assert 2_500_000_000 < await redis_client.pttl(key) <= 2_592_000_000, key
+    assert await redis_client.pttl(tat) > 0
+    assert await redis_client.exists(*plain.shadow) == 0
+
+    geo = apis(("geo", "50/s", 5, ()))["geo"]
+    usage = await read_usage(redis_client, "shadow", geo)
+    assert usage.shadow == ShadowUsage(5.0, 2, expected, len(slots))
+    assert usage.as_dict()["shadow"] == {
+        "rate_per_second": 5.0,
+        "burst": 2,
+        "delayed": expected,
+        "calls": len(slots),
+    }
+    await reset_overrides(redis_client, "shadow", "geo")
+    assert await redis_client.exists(*shadowed.shadow) == 0
+    assert (await read_usage(redis_client, "shadow", geo)).shadow is None
+
+
+async def test_server_budget_is_shared_and_lives_until_the_servers_reset(
+    make_redis: Callable[..., RedisLimiter], redis_client: aioredis.Redis
+) -> None:
+    first, second = (make_redis(apis(("geo", "100/s", 10, ()))) for _ in range(2))
+    grants = [await first.acquire("geo") for _ in range(3)]
+    assert grants == [1, 2, 3]
+    await first.server_signal("geo", 4, 1.0, grants[0])  # 2 and 3 may not be counted yet
+    keys = Keys.of("test", "geo")
+    assert await redis_client.hget(keys.server_budget, "limit") == b"5"
+    assert 900 < await redis_client.pttl(keys.server_budget) <= 1000
+    assert await redis_client.pttl(keys.granted) > 31 * 86_400_000
+    decisions = [await second._decide("geo", None) for _ in range(3)]  # every worker follows
+    assert [d.grant for d in decisions] == [4, 5, None] and decisions[2].reason == "server"
+    assert decisions[0].rate == pytest.approx(2.0, rel=0.05)  # 2 left over 1 s
+    assert 0.45 <= decisions[1].wait <= 0.55  # one interval of 0.5 s after the first
+
+
+async def test_limits_cli_sets_shows_and_resets_a_shadow(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis
+) -> None:
+    config = config_from_dict(
+        {
+            "app_id": "cli",
+            "redis": {"url": redis_server.url},
+            "apis": {"geo": {"url": "http://127.0.0.1/x", "rate": "50/s"}},
+        }
+    )
+    await set_limits(config, "geo", shadow_rate="5/s")
+    text = await show_limits(config)
+    assert "geo: rate 50/s, burst 50" in text
+    assert "shadow rate 5/s, burst 5 (not enforced): would have delayed 0 of 0 calls" in text
+    shown = json.loads(await show_limits(config, as_json=True))["apis"][0]
+    assert shown["shadow"] == {"rate_per_second": 5.0, "burst": 5, "delayed": 0, "calls": 0}
+    assert (shown["rate_per_second"], shown["server"]) == (50.0, None)
+    await set_limits(config, "geo", shadow_rate="120/m", shadow_burst=1)
+    assert "shadow rate 2/s, burst 1 " in await show_limits(config)
+    with pytest.raises(BadArgument, match="--shadow-burst"):
+        await set_limits(config, "geo", shadow_burst=3)
+    with pytest.raises(BadArgument, match="--shadow-rate"):
+        await set_limits(config, "geo", shadow_rate="fast")
+    await reset_limits(config, "geo")
+    assert json.loads(await show_limits(config, as_json=True))["apis"][0]["shadow"] is None
 
 
 async def test_several_workers_share_one_limit(make_redis: Callable[..., RedisLimiter]) -> None:
@@ -442,8 +617,9 @@ async def test_every_key_has_a_ttl(
         "overrides",
         "quota",
         "replay",
+        "granted",
     }
-    assert len(keys) == 7 + 9 and all(k.startswith(prefix) for k in keys)
+    assert len(keys) == 8 + 9 and all(k.startswith(prefix) for k in keys)
     assert any(k.endswith(stamps[2]) for k in keys)
     replay_keys = [k.removeprefix(prefix + "replay:r1:") for k in keys if ":replay:" in k]
     periods = zip(PERIODS, stamps, strict=True)

@@ -1,31 +1,60 @@
 -- acquire.lua: one atomic decision "may one call to this API start, and when?" (GCRA reservation
--- plus UTC calendar quotas, and for a replay its own lane). Units: times are integer microseconds
+-- at the effective rate, which the server's own budget may lower, plus UTC calendar quotas, and for
+-- a replay its own lane; a shadow limit is measured, never enforced). Units: times are integer µs
 -- since the Unix epoch taken from Redis TIME (never the client's clock); rates are calls per
 -- second; max_wait is microseconds.
 --
 -- KEYS[1]  <prefix>tat        theoretical arrival time of the next call (GCRA), string of µs
 -- KEYS[2]  <prefix>blocked    the API's "blocked until" (server Retry-After, see block.lua), µs
--- KEYS[3]  <prefix>overrides  hash of run-time overrides: rate (calls/s), burst, quota:<period>
+-- KEYS[3]  <prefix>overrides  hash of run-time overrides: rate (calls/s), burst, quota:<period>,
+--          shadow_rate (calls/s), shadow_burst
 -- KEYS[4]  <prefix>quota:     prefix of the quota counters; the script appends "<period>:<stamp>"
 --          (e.g. "day:2025-01-31"), because the period depends on Redis time. <prefix> is
 --          "enricher:{<app_id>:<api>}:", so every key shares the {<app_id>:<api>} hash tag and
 --          Redis Cluster routes them all to one slot.
--- KEYS[5]  <prefix>replay:<id>:tat  (replay calls only) the replay's own GCRA TAT, µs
--- KEYS[6]  <prefix>replay:<id>:     (replay calls only) prefix of the replay's per-period keys;
+-- KEYS[5]  <prefix>server_budget  hash: limit, reset_at (server_budget.lua), if the API said one
+-- KEYS[6]  <prefix>granted        grant counter: every granted call gets the next number
+-- KEYS[7]  <prefix>shadow:        prefix of the shadow bucket's keys; the script appends "tat"
+--          (its GCRA TAT, µs), "delayed" and "calls" (counters). KEYS[5..7] may be left out
+--          (then no server budget, no grant numbers, no shadow), but not when KEYS[8..9] are.
+-- KEYS[8]  <prefix>replay:<id>:tat  (replay calls only) the replay's own GCRA TAT, µs
+-- KEYS[9]  <prefix>replay:<id>:     (replay calls only) prefix of the replay's per-period keys;
 --          the script appends "cap:<period>:<stamp>" (units the replay may use in that period)
 --          and "used:<period>:<stamp>" (units it used).
 -- ARGV[1]  rate (calls/s, > 0)   ARGV[2] burst (calls, >= 1)   ARGV[3] max_wait (µs)
 -- ARGV[4..7]  quota limits for minute, hour, day, month (-1 = no such quota)
 -- ARGV[8]  optional fake "now" in µs, for tests only; empty = Redis TIME
--- ARGV[9]  replay share in (0, 1]; absent or empty = a live call (KEYS[5..6] are then unused)
+-- ARGV[9]  replay share in (0, 1]; absent or empty = a live call (KEYS[8..9] are then unused)
 --
--- Returns {granted, wait_us, reason, rem_minute, rem_hour, rem_day, rem_month, rate}:
+-- Returns {granted, wait_us, reason, rem_minute, rem_hour, rem_day, rem_month, rate, number}:
 --   granted 1: a slot is reserved, the caller sleeps wait_us and then calls (pacing by reservation);
---   granted 0: nothing changed; reason is "blocked", "quota:<period>", "replay-quota:<period>",
---              "rate" or "replay-rate", and wait_us is how long until asking again can succeed.
+--   granted 0: nothing changed; reason is "blocked", "server" (the server's budget is spent),
+--              "quota:<period>", "replay-quota:<period>", "rate" or "replay-rate", and wait_us is
+--              how long until asking again can succeed.
 --   rem_*: the API's (shared) quota left in the current period after this decision (-1 = none);
---   rate: the effective rate (calls/s, as a string) so a worker can fall back to it locally.
+--   rate: the effective rate (calls/s, as a string) so a worker can fall back to it locally;
+--   number: the grant's number (KEYS[6]), which the caller hands back with the answer's
+--           rate-limit figures (server_budget.lua); -1 when refused or without KEYS[6].
 -- Every key written gets a TTL: a crash can never leave an immortal key.
+--
+-- Effective rate. The config's rate and burst, unless overridden (HSET by `limits set`). Then the
+-- server's budget (KEYS[5], from its own rate-limit headers, see server_budget.lua): the grants
+-- numbered up to `limit` may be made before `reset_at`. With left = limit - grants so far, a call
+-- is refused ("server") while left <= 0 until the reset, and the bucket runs at the server's pace
+-- left / (reset_at - now) when that is slower than the rate, with a burst of 1: what the server
+-- has left is spread evenly over every worker, so the fleet slows down before it is answered 429.
+-- Counting grants (reserved slots and calls in flight included) rather than trusting a stored
+-- pace is what makes this hold while answers lag behind the calls. The reply's rate is the paced
+-- one.
+--
+-- Shadow limit (overrides shadow_rate, shadow_burst; `limits set --shadow-rate`). Evaluated at
+-- every granted call (live and replay: a limit would apply to both), never enforced: nothing
+-- above depends on it. It is a GCRA policer at the moment the call goes (its slot): the call
+-- conforms if the shadow bucket has room then (shadow wait 0), and only then advances the
+-- shadow TAT; otherwise the shadow limit would have delayed it, and "delayed" is incremented.
+-- So "delayed" counts the calls that went over the shadow limit, i.e. that it would have held
+-- back (not the knock-on delays of a queue that would have built up behind them). "calls"
+-- counts every call evaluated. Both counters live as long as the overrides hash.
 --
 -- Replay lane. A replay call must pass everything a live call passes (block, the shared quotas,
 -- the shared bucket) and counts against the shared bucket and quota counters like a live call.
@@ -119,7 +148,7 @@ if ARGV[9] and ARGV[9] ~= "" then
   if not (share and share > 0 and share <= 1) then
     return redis.error_reply("replay share must be in (0, 1], got " .. ARGV[9])
   end
-  if not KEYS[6] then return redis.error_reply("a replay call needs KEYS[5] and KEYS[6]") end
+  if not KEYS[9] then return redis.error_reply("a replay call needs KEYS[1] to KEYS[9]") end
 end
 
 -- Effective limits: run-time overrides (HSET by `enricher limits set`) win over the config.
@@ -131,6 +160,19 @@ local burst = ov["burst"] or tonumber(ARGV[2])
 if not (rate > 0) then rate = tonumber(ARGV[1]) end
 if not (burst >= 1) then burst = tonumber(ARGV[2]) end
 local max_wait = tonumber(ARGV[3])
+
+-- The server's budget: calls it has left, and until when (see the header).
+local server_left, server_reset
+if KEYS[6] then
+  local budget = redis.call("HMGET", KEYS[5], "limit", "reset_at")
+  local limit, reset_at = tonumber(budget[1]), tonumber(budget[2])
+  if limit and reset_at and reset_at > now then
+    server_left = limit - tonumber(redis.call("GET", KEYS[6]) or "0")
+    server_reset = reset_at
+    local pace = server_left * 1000000 / (reset_at - now)
+    if server_left > 0 and pace < rate then rate, burst = pace, 1 end
+  end
+end
 
 -- Quotas: limit, used and key of each period that has one (and the replay's cap and use).
 local secs = floor(now / 1000000)
@@ -145,8 +187,8 @@ for i, name in ipairs(PERIODS) do
     remaining[i] = math.max(0, limit - used)
     local q = {i = i, name = name, key = key, limit = limit, used = used, stop = stop}
     if share then
-      q.cap_key = KEYS[6] .. "cap:" .. name .. ":" .. stamp
-      q.used_key = KEYS[6] .. "used:" .. name .. ":" .. stamp
+      q.cap_key = KEYS[9] .. "cap:" .. name .. ":" .. stamp
+      q.used_key = KEYS[9] .. "used:" .. name .. ":" .. stamp
       local cap = redis.call("GET", q.cap_key)
       q.cap = cap and tonumber(cap) or floor(share * remaining[i])
       q.replay_used = tonumber(redis.call("GET", q.used_key) or "0")
@@ -155,14 +197,15 @@ for i, name in ipairs(PERIODS) do
   end
 end
 
-local function reply(granted, wait, reason)
+local function reply(granted, wait, reason, number)
   return {granted, math.ceil(wait), reason, remaining[1], remaining[2], remaining[3],
-    remaining[4], tostring(rate)}
+    remaining[4], tostring(rate), number or -1}
 end
 
--- (1) A server's Retry-After blocks every worker.
+-- (1) A server's Retry-After blocks every worker, and so does its spent budget.
 local blocked = tonumber(redis.call("GET", KEYS[2]) or "0")
 if blocked > now then return reply(0, blocked - now, "blocked") end
+if server_left and server_left <= 0 then return reply(0, server_reset - now, "server") end
 
 -- (2) A spent quota holds calls until its period ends (or an override raises it); a replay that
 -- used its share of a quota is held until the period ends.
@@ -187,7 +230,7 @@ if share then
   -- A replay's slot is the later of its bucket's and the shared bucket's, and may not lie past
   -- the shared TAT: then the shared bucket advances exactly as for a live call (see the header).
   replay_interval = math.ceil(1000000 / (rate * share))
-  replay_tat = tonumber(redis.call("GET", KEYS[5]) or "0")
+  replay_tat = tonumber(redis.call("GET", KEYS[8]) or "0")
   local replay_slot = replay_tat - (math.max(1, floor(burst * share)) - 1) * replay_interval
   local horizon = math.max(now, tat)
   if replay_slot > horizon then return reply(0, replay_slot - horizon, "replay-rate") end
@@ -202,7 +245,7 @@ local function reserve(key, old_tat, step)
   redis.call("SET", key, string.format("%.0f", new_tat), "PX", math.ceil((new_tat - now) / 1000) + 1000)
 end
 reserve(KEYS[1], tat, interval)
-if share then reserve(KEYS[5], replay_tat, replay_interval) end
+if share then reserve(KEYS[8], replay_tat, replay_interval) end
 for _, q in ipairs(quotas) do
   local ttl = math.ceil((q.stop * 1000000 - now) / 1000) + 60000
   redis.call("INCR", q.key)
@@ -214,4 +257,32 @@ for _, q in ipairs(quotas) do
   end
   remaining[q.i] = math.max(0, q.limit - q.used - 1)
 end
-return reply(1, wait, "")
+
+-- (4) The grant's number; the counter outlives any server budget (at most 31 days).
+local number
+if KEYS[6] then
+  number = redis.call("INCR", KEYS[6])
+  redis.call("PEXPIRE", KEYS[6], 32 * 86400000)
+end
+
+-- (5) The shadow limit: measured at the call's slot, never enforced (see the header).
+local shadow_rate = ov["shadow_rate"]
+if KEYS[7] and shadow_rate and shadow_rate > 0 then
+  local shadow_burst = math.max(1, ov["shadow_burst"] or 1)
+  local shadow_interval = math.ceil(1000000 / shadow_rate)
+  local tat_key = KEYS[7] .. "tat"
+  local shadow_tat = tonumber(redis.call("GET", tat_key) or "0")
+  local ttl = redis.call("PTTL", KEYS[3])
+  if ttl <= 0 then ttl = 86400000 end
+  if shadow_tat - (shadow_burst - 1) * shadow_interval > slot then
+    redis.call("INCR", KEYS[7] .. "delayed")
+    redis.call("PEXPIRE", KEYS[7] .. "delayed", ttl)
+  else
+    local new_tat = math.max(shadow_tat, slot) + shadow_interval
+    redis.call("SET", tat_key, string.format("%.0f", new_tat), "PX",
+      math.ceil((new_tat - now) / 1000) + 1000)
+  end
+  redis.call("INCR", KEYS[7] .. "calls")
+  redis.call("PEXPIRE", KEYS[7] .. "calls", ttl)
+end
+return reply(1, wait, "", number)
