@@ -3,6 +3,9 @@
 ``create_app(config)`` returns an :class:`EnricherApp` (the Faust app plus the worker's runtime);
 there is no module-level app. The agent keeps Faust's concurrency at 1 and acks manually, in
 offset order, only after the event's output or dead letter is acknowledged by the broker.
+
+The app also serves ``/metrics`` and ``/health`` on its web port (:mod:`enricher.web`) and
+writes the worker's heartbeat to Redis (:mod:`enricher.heartbeat`) once its runtime is up.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from typing import Any, cast
 
 import faust
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from faust.types import TP
 
 from .config import Config
 from .errors import ShuttingDown
+from .heartbeat import Heartbeat
+from .monitor import WorkerMonitor
 from .pipeline import OutputTooLarge, Pipeline, SinkUnavailable
 from .records import ORIGIN_HEADER, REPLAY_HEADER, InputRecord, OutputRecord, parse_origin
 from .runtime import Runtime
+from .web import install_views
 
 __all__ = ["EnricherApp", "create_app", "faust_settings"]
 
@@ -71,12 +78,44 @@ class FaustSink:
             raise SinkUnavailable(type(exc).__name__) from None
 
 
+class FaustPartitions:
+    """The consumer's assignment, committed offsets and highwaters, for the monitor."""
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+
+    def _consumer(self) -> Any:
+        return getattr(self._app, "_consumer", None)  # never create it from here
+
+    def assigned(self) -> list[tuple[str, int]]:
+        consumer = self._consumer()
+        if consumer is None:
+            return []
+        return [(tp.topic, tp.partition) for tp in consumer.assignment()]
+
+    def committed(self, tp: tuple[str, int]) -> int | None:
+        """What Faust last committed (None: nothing yet, or 0)."""
+        offsets = getattr(self._consumer(), "_committed_offset", None)
+        value = offsets.get(TP(*tp)) if isinstance(offsets, Mapping) else None
+        return int(value) if value is not None else None
+
+    def highwater(self, tp: tuple[str, int]) -> int | None:
+        consumer = self._consumer()
+        value = consumer.highwater(TP(*tp)) if consumer is not None else None
+        return int(value) if value is not None else None
+
+
 class EnricherApp:
     """A Faust app wired to one worker's runtime."""
 
     def __init__(self, config: Config, *, web_port: int) -> None:
         self.config = config
         self.faust = faust.App(config.app_id, **faust_settings(config, web_port=web_port))
+        self.monitor = WorkerMonitor(
+            config, web_port=web_port, partitions=FaustPartitions(self.faust)
+        )
+        install_views(self.faust, self.monitor)
+        self._heartbeat: Heartbeat | None = None
         self._runtime: Runtime[AckToken] | None = None
         self._ready = asyncio.Event()
         self.input_topic = self._topic(config.topics.input)
@@ -109,7 +148,16 @@ class EnricherApp:
         for topic in self.output_topics:
             await topic.maybe_declare()
         self._runtime = Runtime(self.config, sink=FaustSink(self.faust), release=_ack)
+        self.monitor.attach(self._runtime)
+        self._heartbeat = Heartbeat(self.monitor, self._runtime.redis)
+        self._heartbeat.start()
         self._ready.set()
+        log.info(
+            "worker %s ready; metrics and health at %s",
+            self.monitor.worker,
+            self.monitor.web_url,
+            extra={"worker": self.monitor.worker, "web_url": self.monitor.web_url},
+        )
 
     async def _live_agent(self, stream: Any) -> None:
         runtime = await self._started()
@@ -145,9 +193,25 @@ class EnricherApp:
             self._runtime.replay_pipeline.revoke(tps)
 
     async def shutdown(self, grace: float) -> None:
-        """Finish or abandon in-flight events before Faust commits and stops."""
-        if self._runtime is not None:
-            await self._runtime.close(grace)
+        """Finish or abandon in-flight events before Faust commits and stops; then remove the
+        heartbeat (status stops counting this worker at once) and disconnect."""
+        runtime = self._runtime
+        if runtime is None:
+            return
+        in_flight = (
+            runtime.pipeline.tracker.in_flight() + runtime.replay_pipeline.tracker.in_flight()
+        )
+        log.info(
+            "worker %s stopping: %d event(s) in flight get %.0fs to finish",
+            self.monitor.worker,
+            in_flight,
+            grace,
+            extra={"worker": self.monitor.worker, "in_flight": in_flight},
+        )
+        await runtime.drain(grace)
+        if self._heartbeat is not None:
+            await self._heartbeat.close()
+        await runtime.disconnect()
 
 
 async def _feed(

@@ -76,12 +76,32 @@ def cli() -> None:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="json: one JSON object per log line (time, level, logger, message, extra fields).",
+)
 @handle_errors
-def worker(config_path: str | None, web_port: int | None, loglevel: str) -> None:
+def worker(config_path: str | None, web_port: int | None, loglevel: str, log_format: str) -> None:
     """Run one worker in the foreground until SIGINT/SIGTERM."""
     from .worker import run_worker
 
-    run_worker(load(config_path), web_port=web_port, loglevel=loglevel)
+    fmt: Any = log_format
+    run_worker(load(config_path), web_port=web_port, loglevel=loglevel, log_format=fmt)
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@handle_errors
+def status(config_path: str | None, as_json: bool) -> None:
+    """Workers alive, lag per partition, in-flight calls, calls/s, errors and limiter waits per
+    API, quota burn, cache hit ratio, replays in progress."""
+    from .status import show_status
+
+    click.echo(asyncio.run(show_status(load(config_path), as_json=as_json)))
 
 
 @cli.command("check-config")
@@ -297,16 +317,40 @@ def limits_show(config_path: str | None, as_json: bool) -> None:
     metavar="N/PERIOD",
     help="A quota such as 5000/day (repeatable; one per period).",
 )
+@click.option(
+    "--shadow-rate",
+    metavar="N/s",
+    help="Try a limit without enforcing it: count the calls it would have delayed.",
+)
+@click.option(
+    "--shadow-burst", type=int, metavar="N", help="The shadow limit's bucket size (default: 1 s)."
+)
 @handle_errors
 def limits_set(
-    config_path: str | None, api: str, rate: str | None, burst: int | None, quotas: tuple[str, ...]
+    config_path: str | None,
+    api: str,
+    rate: str | None,
+    burst: int | None,
+    quotas: tuple[str, ...],
+    shadow_rate: str | None,
+    shadow_burst: int | None,
 ) -> None:
     """Override API's limits at run time for all running workers (applied within 2 s)."""
     from .limits_cli import set_limits
 
-    if rate is None and burst is None and not quotas:
-        raise click.UsageError("give at least one of --rate, --burst, --quota")
-    asyncio.run(set_limits(load(config_path), api, rate=rate, burst=burst, quotas=quotas))
+    if rate is None and burst is None and not quotas and shadow_rate is None:
+        raise click.UsageError("give at least one of --rate, --burst, --quota, --shadow-rate")
+    asyncio.run(
+        set_limits(
+            load(config_path),
+            api,
+            rate=rate,
+            burst=burst,
+            quotas=quotas,
+            shadow_rate=shadow_rate,
+            shadow_burst=shadow_burst,
+        )
+    )
     click.echo(f"limits of {api} overridden; running workers apply them at their next call")
 
 

@@ -9,8 +9,9 @@ are finished. :class:`KeySequencer` makes events of one key run one after anothe
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 __all__ = ["KeySequencer", "OffsetTracker", "PartitionKey"]
@@ -26,7 +27,8 @@ class _Partition(Generic[T]):
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
-        # offset -> [token, finished]; insertion order is offset order (Kafka delivers in order)
+        # offset -> [token, finished, started]; insertion order is offset order (Kafka delivers
+        # in order); ``started`` is the tracker's clock when the offset was registered
         self.pending: OrderedDict[int, list[object]] = OrderedDict()
 
 
@@ -35,21 +37,25 @@ class OffsetTracker(Generic[T]):
 
     ``start`` registers an offset as in flight and returns an epoch; ``finish`` marks it done and
     returns the tokens that may now be acked (the finished prefix). ``forget`` drops a partition
-    (revoked): late ``finish`` calls carrying the old epoch release nothing.
+    (revoked): late ``finish`` calls carrying the old epoch release nothing. ``clock`` (monotonic
+    seconds) times when each offset started and when a partition last released one (health).
     """
 
-    __slots__ = ("_epochs", "_partitions")
+    __slots__ = ("_clock", "_epochs", "_partitions", "_released")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._partitions: dict[PartitionKey, _Partition[T]] = {}
         self._epochs: dict[PartitionKey, int] = {}
+        # tp -> (the offset after the last released one, when it was released)
+        self._released: dict[PartitionKey, tuple[int, float]] = {}
 
     def start(self, tp: PartitionKey, offset: int, token: T) -> int:
         """Register ``offset`` of ``tp`` as in flight; returns the epoch to pass to ``finish``."""
         part = self._partitions.get(tp)
         if part is None:
             part = self._partitions[tp] = _Partition(self._epochs.get(tp, 0))
-        part.pending[offset] = [token, False]
+        part.pending[offset] = [token, False, self._clock()]
         return part.epoch
 
     def finish(self, tp: PartitionKey, offset: int, epoch: int) -> list[T]:
@@ -60,11 +66,12 @@ class OffsetTracker(Generic[T]):
         part.pending[offset][1] = True
         released: list[T] = []
         while part.pending:
-            first = next(iter(part.pending.values()))
+            first_offset, first = next(iter(part.pending.items()))
             if not first[1]:
                 break
             part.pending.popitem(last=False)
             released.append(first[0])  # type: ignore[arg-type]
+            self._released[tp] = (first_offset + 1, self._clock())
         return released
 
     def forget(self, tps: Iterable[PartitionKey]) -> None:
@@ -72,6 +79,7 @@ class OffsetTracker(Generic[T]):
         for tp in tps:
             self._epochs[tp] = self._epochs.get(tp, 0) + 1
             self._partitions.pop(tp, None)
+            self._released.pop(tp, None)
 
     def in_flight(self, tp: PartitionKey | None = None) -> int:
         """Events started and not yet released (for one partition, or all)."""
@@ -83,6 +91,21 @@ class OffsetTracker(Generic[T]):
     def oldest(self) -> dict[PartitionKey, int]:
         """The lowest unreleased offset of every partition with events in flight."""
         return {tp: next(iter(p.pending)) for tp, p in self._partitions.items() if p.pending}
+
+    def oldest_since(self) -> dict[PartitionKey, tuple[int, float]]:
+        """``(offset, started)`` of the lowest unreleased offset of every partition with events
+        in flight; ``started`` is on the tracker's clock."""
+        found: dict[PartitionKey, tuple[int, float]] = {}
+        for tp, part in self._partitions.items():
+            if part.pending:
+                offset, entry = next(iter(part.pending.items()))
+                found[tp] = (offset, float(entry[2]))  # type: ignore[arg-type]
+        return found
+
+    def released(self) -> dict[PartitionKey, tuple[int, float]]:
+        """Per partition: the offset after the last one released (what a commit would store)
+        and when it was released, on the tracker's clock."""
+        return dict(self._released)
 
 
 class KeySequencer:

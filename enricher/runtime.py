@@ -2,6 +2,9 @@
 
 No Faust here: the Faust layer (``app.py``) passes in the sink that writes records and the
 callback that acks events, so the whole chain is testable without a broker.
+
+The enricher reaches the caller, and the caller the limiter, through the counting proxies of
+:mod:`enricher.metrics` (calls by outcome, token waits, HTTP attempts by result): ``stats``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from .caller import ApiCaller
+from .circuit import CircuitBreaker
 from .config import Config
 from .enrich import Enricher
 from .lanes import Lane
 from .limiter import RedisLimiter
+from .metrics import MeteredClient, MeteredLimiter, WorkerStats, attempt_trace
 from .pipeline import Pipeline, Sink
 from .redis_cache import RedisResponseCache
 from .replay import ReplayRegistry
@@ -37,10 +42,12 @@ def connect_redis(config: Config) -> aioredis.Redis:
     )
 
 
-def http_session() -> aiohttp.ClientSession:
-    """The worker's single HTTP session; per-API semaphores bound what is in flight."""
+def http_session(stats: WorkerStats | None = None) -> aiohttp.ClientSession:
+    """The worker's single HTTP session; per-API semaphores bound what is in flight. With
+    ``stats``, every HTTP attempt is counted by result."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector, trust_env=False)
+    traces = [attempt_trace(stats)] if stats is not None else None
+    return aiohttp.ClientSession(connector=connector, trust_env=False, trace_configs=traces)
 
 
 class Runtime(Generic[T]):
@@ -57,8 +64,9 @@ class Runtime(Generic[T]):
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.config = config
+        self.stats = WorkerStats(config.apis)
         self.redis = redis if redis is not None else connect_redis(config)
-        self.session = session if session is not None else http_session()
+        self.session = session if session is not None else http_session(self.stats)
         self.limiter = RedisLimiter(
             redis=self.redis,
             app_id=config.app_id,
@@ -68,9 +76,13 @@ class Runtime(Generic[T]):
         )
         self.cache = RedisResponseCache(redis=self.redis, app_id=config.app_id)
         self.caller = ApiCaller(
-            apis=config.apis, limiter=self.limiter, session=self.session, cache=self.cache
+            apis=config.apis,
+            limiter=MeteredLimiter(self.limiter, self.stats),
+            session=self.session,
+            cache=self.cache,
+            circuits=CircuitBreaker(redis=self.redis, app_id=config.app_id, apis=config.apis),
         )
-        self.enricher = Enricher(config, self.caller)
+        self.enricher = Enricher(config, MeteredClient(self.caller, self.stats))
         self.replays = ReplayRegistry(self.redis, config.app_id)
         self.default_share = min((api.replay_share for api in config.apis.values()), default=1.0)
 
@@ -108,10 +120,19 @@ class Runtime(Generic[T]):
         return lane if lane is not None else Lane(replay_id, self.default_share)
 
     async def close(self, grace: float) -> None:
+        """:meth:`drain`, then :meth:`disconnect`."""
+        await self.drain(grace)
+        await self.disconnect()
+
+    async def drain(self, grace: float) -> None:
         """Take no new event; let in-flight ones finish (tokens still granted) within ``grace``;
-        then cancel what is left (token waits included: PITFALLS 5), leaving it unacked, and
-        close connections. Bounded by ``grace``, so no supervisor has to SIGKILL us."""
+        then cancel what is left (token waits included: PITFALLS 5), leaving it unacked.
+        Bounded by ``grace``, so no supervisor has to SIGKILL us."""
         await asyncio.gather(self.pipeline.close(grace), self.replay_pipeline.close(grace))
+        await self.caller.close()  # calls held by an open circuit raise ShuttingDown
+
+    async def disconnect(self) -> None:
+        """Close the limiter, the cache and the connections (after :meth:`drain`)."""
         await self.limiter.close()
         await self.cache.close()
         await self.session.close()

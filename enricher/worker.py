@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import faust
@@ -12,6 +13,7 @@ from .app import EnricherApp, create_app
 from .config import Config
 from .errors import ServiceUnavailable
 from .kafka import kafka_bootstrap
+from .logs import LogFormat, use_format
 from .runtime import connect_redis
 from .services import find_free_port
 
@@ -21,11 +23,27 @@ SHUTDOWN_GRACE = 5.0  # seconds running calls get to finish on SIGTERM before be
 
 
 class EnricherWorker(faust.Worker):
-    """A Faust worker that drains the pipeline before Faust stops the consumer and commits."""
+    """A Faust worker that drains the pipeline before Faust stops the consumer and commits.
 
-    def __init__(self, enricher_app: EnricherApp, **kwargs: Any) -> None:
+    With ``log_format="json"`` every log record (ours and Faust's) is one JSON line, and Faust's
+    banner and spinner are off, so standard output holds nothing but JSON lines."""
+
+    def __init__(
+        self, enricher_app: EnricherApp, *, log_format: LogFormat = "text", **kwargs: Any
+    ) -> None:
         self.enricher_app = enricher_app
+        self.log_format = log_format
+        if log_format == "json":
+            kwargs["quiet"] = True
         super().__init__(enricher_app.faust, **kwargs)
+        if log_format == "json":
+            self.spinner = None
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        use_format(self.log_format, logger)
+        if self.log_format == "json":
+            logging.captureWarnings(True)
 
     async def on_stop(self) -> None:
         await self.enricher_app.shutdown(SHUTDOWN_GRACE)
@@ -61,10 +79,17 @@ async def _until_ok(probe: Any) -> None:
             await asyncio.sleep(0.5)
 
 
-def run_worker(config: Config, *, web_port: int | None = None, loglevel: str = "info") -> None:
-    """Run one worker in the foreground until SIGINT/SIGTERM (blocks; exits the process)."""
+def run_worker(
+    config: Config,
+    *,
+    web_port: int | None = None,
+    loglevel: str = "info",
+    log_format: LogFormat = "text",
+) -> None:
+    """Run one worker in the foreground until SIGINT/SIGTERM (blocks; exits the process).
+    ``log_format`` ``json``: one JSON object per log line (see :mod:`enricher.logs`)."""
     asyncio.run(preflight(config))
     port = web_port or config.worker.web_port or find_free_port(config.worker.web_host)
     app = create_app(config, web_port=port)
-    worker = EnricherWorker(app, loglevel=loglevel, redirect_stdouts=False)
+    worker = EnricherWorker(app, log_format=log_format, loglevel=loglevel, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,16 +55,25 @@ class Collected:
 class WorkerProcess:
     """One ``enricher worker`` subprocess with its log in a file."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, extra_args: Sequence[str] = ()) -> None:
         self.config_path = config_path
         self.log_path = log_path
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "enricher", "worker", "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "enricher",
+                "worker",
+                "--config",
+                str(self.config_path),
+                *self.extra_args,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -160,9 +169,11 @@ class Stack:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
-    def start_worker(self, config_path: Path) -> WorkerProcess:
+    def start_worker(self, config_path: Path, extra_args: Sequence[str] = ()) -> WorkerProcess:
+        """Start ``enricher worker --config config_path *extra_args`` (``--web-port N``...)."""
         n = len(self.workers)
-        worker = WorkerProcess(config_path, self.tmp_path / f"worker{n}.log").start()
+        log_path = self.tmp_path / f"worker{n}.log"
+        worker = WorkerProcess(config_path, log_path, extra_args).start()
         self.workers.append(worker)
         return worker
 

@@ -178,7 +178,8 @@ async def test_dead_letters_are_redriven_through_the_replay_lane(
     stack = Stack(tmp_path, kafka_url=kafka.url, redis_url=redis_service.url, api_url=api.url)
     try:
         await stack.create_topics()
-        config = stack.write_config(stack.config(retry={"attempts": 1}))
+        # no circuit breaker: it would hold these events instead of dead-lettering them
+        config = stack.write_config(stack.config(retry={"attempts": 1}, circuit={"failures": 0}))
         stack.start_worker(config)
         await stack.produce([(f"u{i}", page_view(i, user=f"u{i}")) for i in range(n)])
         first = await stack.collect(expected=n)
