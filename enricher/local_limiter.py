@@ -45,6 +45,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+REPLAY_ASKERS = 2  # a replay's waiters per API that ask for a slot at once (per worker)
 REPLAY_SPREAD_MIN = 0.01  # seconds: the least retry spread of replays refused by their own bucket
 # Told when a replay's call is held because its share of a quota is spent (reason
 # "replay-quota:<period>") and when it goes on again (reason None).
@@ -93,6 +94,7 @@ class LimiterBase:
         self._closed = False
         self._pending: set[asyncio.Future[Any]] = set()
         self.on_replay_hold: ReplayHoldHook | None = None
+        self._gates: dict[tuple[str, str], asyncio.Semaphore] = {}
 
     async def acquire(self, api: str, lane: Lane | None = None) -> int | None:
         """Wait until one call to ``api`` may start; raises ShuttingDown once closed. Returns the
@@ -100,6 +102,21 @@ class LimiterBase:
 
         ``lane`` is a replay's lane (``None``: a live call); see ``lua/acquire.lua``."""
         self._check(api)
+        if lane is None:
+            decision = await self._until_granted(api, None)
+        else:
+            # A replay's waiters are refused, not given reservations, past the shared bucket's
+            # horizon (acquire.lua): only a few of them ask Redis at a time, the rest queue here,
+            # so a replay costs about one decision per call instead of one per retry.
+            gate = self._gates.setdefault((api, lane.replay_id), asyncio.Semaphore(REPLAY_ASKERS))
+            async with gate:
+                decision = await self._until_granted(api, lane)
+        if decision.wait > 0:
+            await self._guarded(self._sleep(decision.wait))
+        return decision.grant
+
+    async def _until_granted(self, api: str, lane: Lane | None) -> Decision:
+        """Ask until a decision grants a slot (sleeping between refusals)."""
         held = False
         while True:
             decision = await self._guarded(self._decide(api, lane))
@@ -107,9 +124,7 @@ class LimiterBase:
                 held = not held
                 await self._tell_hold(api, lane, decision.reason if held else None)
             if decision.granted:
-                if decision.wait > 0:
-                    await self._guarded(self._sleep(decision.wait))
-                return decision.grant
+                return decision
             await self._guarded(self._sleep(self._retry_delay(decision)))
 
     async def _tell_hold(self, api: str, lane: Lane, reason: str | None) -> None:
