@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar
@@ -47,6 +46,7 @@ import redis.exceptions
 
 from .errors import CallError, ServiceUnavailable, ShuttingDown
 from .quota import REDIS_ERRORS, Keys, load_script, redis_now, text
+from .shutdown import ShutdownGuard
 
 __all__ = ["CircuitBreaker", "CircuitState", "Outcome", "Ticket", "outcome_of", "read_circuit"]
 
@@ -161,8 +161,7 @@ class CircuitBreaker:
         self._check_script = redis.register_script(load_script("circuit_check.lua"))
         self._record_script = redis.register_script(load_script("circuit_record.lua"))
         self._wake: dict[str, asyncio.Event] = {}
-        self._closed = False
-        self._pending: set[asyncio.Future[Any]] = set()
+        self._guard = ShutdownGuard("circuit breaker")
         self._redis_down = False
 
     async def enter(self, api: str) -> Ticket:
@@ -172,7 +171,7 @@ class CircuitBreaker:
         if gate is None:
             return Ticket(api)
         while True:
-            if self._closed:
+            if self._guard.closed:
                 raise ShuttingDown("the circuit breaker is closed")
             now = self._clock()
             if gate.token is not None:  # a lease taken here: exactly one caller probes with it
@@ -186,7 +185,7 @@ class CircuitBreaker:
                 continue
             if gate.refresh is None or gate.refresh.done():  # one refresh at a time per API
                 gate.refresh = asyncio.ensure_future(self._refresh(gate))
-            await self._guarded(asyncio.shield(gate.refresh))
+            await self._guard.run(asyncio.shield(gate.refresh))
 
     async def record(self, ticket: Ticket, outcome: Outcome) -> bool:
         """Tell the attempt's outcome. True when it failed and the circuit is open now (this
@@ -221,9 +220,7 @@ class CircuitBreaker:
 
     async def close(self) -> None:
         """Make every holder, and every later ``enter``, raise ShuttingDown."""
-        self._closed = True
-        for future in list(self._pending):
-            future.cancel()
+        self._guard.close()
         for gate in self._gates.values():
             if gate.refresh is not None:
                 gate.refresh.cancel()
@@ -290,30 +287,12 @@ class CircuitBreaker:
         """Sleep ``seconds``, or less if this worker closes the circuit meanwhile."""
         wake = self._wake.setdefault(api, asyncio.Event())
         with contextlib.suppress(TimeoutError):
-            await self._guarded(asyncio.wait_for(wake.wait(), seconds))
+            await self._guard.run(asyncio.wait_for(wake.wait(), seconds))
 
     def _rouse(self, api: str) -> None:
         wake = self._wake.pop(api, None)
         if wake is not None:
             wake.set()
-
-    async def _guarded(self, step: Awaitable[T]) -> T:
-        """Run ``step`` as a task that ``close()`` can cancel, turning that into ShuttingDown."""
-        if self._closed:
-            if inspect.iscoroutine(step):
-                step.close()
-            raise ShuttingDown("the circuit breaker is closed")
-        task = asyncio.ensure_future(step)
-        self._pending.add(task)
-        try:
-            return await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not self._closed or (current is not None and current.cancelling()):
-                raise
-            raise ShuttingDown("the circuit breaker was closed while holding") from None
-        finally:
-            self._pending.discard(task)
 
     def _unreachable(self, exc: BaseException) -> None:
         if not self._redis_down:

@@ -248,7 +248,7 @@ class RedisLimiter(LimiterBase):
     async def block(self, api: str, seconds: float) -> None:
         """Block ``api`` for every worker (and locally, in case Redis is unreachable)."""
         self._check(api)
-        if seconds <= 0 or self._closed:
+        if seconds <= 0 or self._guard.closed:
             return
         until = self._clock() + seconds
         self._local_blocked[api] = max(self._local_blocked.get(api, 0.0), until)
@@ -267,7 +267,7 @@ class RedisLimiter(LimiterBase):
         none left, also block the API until the reset. Never raises for Redis: the figures are
         advice, and the call they came with is already made."""
         self._check(api)
-        if reset <= 0 or self._closed:
+        if reset <= 0 or self._guard.closed:
             return
         if remaining <= 0:
             await self.block(api, reset)

@@ -14,7 +14,6 @@ shadow limits) for one process with an injectable clock: logic tests and the dev
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import math
 import random
@@ -22,11 +21,10 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiolimiter import AsyncLimiter
 
-from .errors import ShuttingDown
 from .lanes import Lane
 from .quota import (
     PERIODS,
@@ -37,6 +35,7 @@ from .quota import (
     override_fields,
     period_bounds,
 )
+from .shutdown import ShutdownGuard
 from .units import QuotaPeriod
 
 __all__ = ["Decision", "LimiterBase", "LocalFallback", "MemoryLimiter", "gcra", "gcra_slot"]
@@ -91,8 +90,7 @@ class LimiterBase:
         self._max_wait = max_wait
         self._retry_cap = retry_cap
         self._sleep = sleep
-        self._closed = False
-        self._pending: set[asyncio.Future[Any]] = set()
+        self._guard = ShutdownGuard("limiter")
         self.on_replay_hold: ReplayHoldHook | None = None
         self._gates: dict[tuple[str, str], asyncio.Semaphore] = {}
 
@@ -112,20 +110,20 @@ class LimiterBase:
             async with gate:
                 decision = await self._until_granted(api, lane)
         if decision.wait > 0:
-            await self._guarded(self._sleep(decision.wait))
+            await self._guard.run(self._sleep(decision.wait))
         return decision.grant
 
     async def _until_granted(self, api: str, lane: Lane | None) -> Decision:
         """Ask until a decision grants a slot (sleeping between refusals)."""
         held = False
         while True:
-            decision = await self._guarded(self._decide(api, lane))
+            decision = await self._guard.run(self._decide(api, lane))
             if lane is not None and held != decision.reason.startswith("replay-quota"):
                 held = not held
                 await self._tell_hold(api, lane, decision.reason if held else None)
             if decision.granted:
                 return decision
-            await self._guarded(self._sleep(self._retry_delay(decision)))
+            await self._guard.run(self._sleep(self._retry_delay(decision)))
 
     async def _tell_hold(self, api: str, lane: Lane, reason: str | None) -> None:
         if self.on_replay_hold is None:
@@ -137,9 +135,7 @@ class LimiterBase:
 
     async def close(self) -> None:
         """Make every pending and future ``acquire`` raise ShuttingDown."""
-        self._closed = True
-        for future in list(self._pending):
-            future.cancel()
+        self._guard.close()
 
     async def _decide(self, api: str, lane: Lane | None) -> Decision:
         raise NotImplementedError
@@ -156,25 +152,6 @@ class LimiterBase:
         else:
             spread = self._max_wait / 2 if decision.reason == "rate" else 0.05
         return min(decision.wait + random.uniform(0, spread), self._retry_cap)
-
-    async def _guarded(self, step: Awaitable[T]) -> T:
-        """Run ``step`` as a task that ``close()`` can cancel, turning that into ShuttingDown."""
-        if self._closed:
-            if inspect.iscoroutine(step):
-                step.close()
-            raise ShuttingDown("the limiter is closed")
-        task = asyncio.ensure_future(step)
-        self._pending.add(task)
-        try:
-            return await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            # Our own task being cancelled is not a shutdown: let that propagate unchanged.
-            if not self._closed or (current is not None and current.cancelling()):
-                raise
-            raise ShuttingDown("the limiter was closed while waiting") from None
-        finally:
-            self._pending.discard(task)
 
 
 class MemoryLimiter(LimiterBase):
