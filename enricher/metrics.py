@@ -279,6 +279,7 @@ class MetricsCollector(Collector):
         snap = self._snapshot()
         yield from _api_families(snap.get("apis", {}), self._stats())
         yield from _quota_families(snap.get("quotas", {}))
+        yield from _circuit_families(snap.get("circuits", {}))
         yield from _cache_families(snap.get("cache", {}))
         yield from _pipeline_families(snap.get("pipelines", {}), snap.get("in_flight", {}))
         yield from _partition_families(snap.get("partitions", []))
@@ -352,6 +353,18 @@ def _quota_families(quotas: Mapping[str, Any]) -> Iterator[Metric]:
             for key, family in families.items():
                 family.add_metric([api, quota["period"]], float(quota[key]))
     yield from families.values()
+
+
+def _circuit_families(circuits: Mapping[str, str]) -> Iterator[Metric]:
+    gauge = GaugeMetricFamily(
+        "enricher_circuit_open",
+        "1 when the API's circuit breaker holds calls (open, or half-open: one probe at a time), "
+        "0 when closed (from Redis).",
+        labels=["api"],
+    )
+    for api, state in sorted(circuits.items()):
+        gauge.add_metric([api], 0.0 if state == "closed" else 1.0)
+    yield gauge
 
 
 def _cache_families(cache: Mapping[str, Any]) -> Iterator[Metric]:

@@ -8,9 +8,11 @@
         "cache": {"hits", "misses", "waits", "calls", "shared"},
         "pipelines": {"live": PipelineStats, "replay": PipelineStats},
         "quotas": {name: [{"period", "limit", "used", "remaining", "resets_at"}]},
+        "circuits": {name: "closed" | "open" | "half-open"},
     }
 
-Quota figures come from Redis (:func:`enricher.quota.read_usage`), refreshed by
+Quota figures and circuit states come from Redis (:func:`enricher.quota.read_usage`,
+:func:`enricher.circuit.read_circuit`), refreshed by
 :meth:`WorkerMonitor.refresh_quotas` every few seconds; everything else is read live.
 """
 
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .circuit import read_circuit
 from .config import Config
 from .errors import ServiceUnavailable
 from .health import ProgressWatch
@@ -87,6 +90,7 @@ class WorkerMonitor:
         self.watch = ProgressWatch(clock=clock)
         self.runtime: Runtime[Any] | None = None
         self.quotas: dict[str, list[dict[str, Any]]] = {}
+        self.circuits: dict[str, str] = {}
         self._stuck: set[TopicPartition] = set()
         self.registry = new_registry(MetricsCollector(self.snapshot, self._stats))
 
@@ -172,11 +176,13 @@ class WorkerMonitor:
     # --- quotas --------------------------------------------------------------------------------
 
     async def refresh_quotas(self) -> bool:
-        """Read every API's quota usage from Redis; False when Redis cannot be reached."""
+        """Read every API's quota usage and circuit state from Redis; False when Redis cannot
+        be reached."""
         runtime = self.runtime
         if runtime is None:
             return True
         fresh: dict[str, list[dict[str, Any]]] = {}
+        circuits: dict[str, str] = {}
         try:
             for api in self.config.apis.values():
                 usage = await read_usage(runtime.redis, self.config.app_id, api)
@@ -190,9 +196,12 @@ class WorkerMonitor:
                     }
                     for q in usage.quotas
                 ]
+                circuit = await read_circuit(runtime.redis, self.config.app_id, api.name)
+                circuits[api.name] = circuit.state
         except (ServiceUnavailable, *REDIS_ERRORS):
             return False
         self.quotas = fresh
+        self.circuits = circuits
         return True
 
     # --- the snapshot --------------------------------------------------------------------------
@@ -210,6 +219,7 @@ class WorkerMonitor:
             "cache": {},
             "pipelines": {},
             "quotas": self.quotas,
+            "circuits": self.circuits,
         }
         if runtime is None:
             return snap

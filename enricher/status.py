@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from .circuit import read_circuit
 from .config import Config
 from .errors import ServiceUnavailable
 from .health import STALL_AFTER
@@ -93,6 +94,7 @@ async def gather_status(config: Config, *, redis: aioredis.Redis | None = None) 
             beats = await read_heartbeats(client, config.app_id)
             usage = [await read_usage(client, config.app_id, api) for api in config.apis.values()]
             replays = await ReplayRegistry(client, config.app_id).list()
+            circuits = [await read_circuit(client, config.app_id, name) for name in config.apis]
             now = await _redis_time(client)
         except REDIS_ERRORS as exc:
             raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from None
@@ -117,6 +119,7 @@ async def gather_status(config: Config, *, redis: aioredis.Redis | None = None) 
         quotas=quotas,
         blocked=blocked,
         replays=[r.as_dict() for r in replays if r.active],
+        circuits={c.api: c.as_dict() for c in circuits},
         now=now,
         kafka_error=kafka_error,
     )
@@ -149,15 +152,17 @@ def aggregate(
     quotas: Mapping[str, Sequence[Mapping[str, Any]]],
     blocked: Mapping[str, float] | None = None,
     replays: Sequence[Mapping[str, Any]] = (),
+    circuits: Mapping[str, Mapping[str, Any]] | None = None,
     now: float,
     kafka_error: str | None = None,
 ) -> dict[str, Any]:
     """The status object (see :func:`render_status` and the README) from raw readings.
 
     ``beats``: parsed heartbeats; ``committed``/``ends``: per (topic, partition); ``quotas``:
-    per API, ``{period, limit, used, remaining, resets_at}`` (Unix time); ``now``: Unix time."""
+    per API, ``{period, limit, used, remaining, resets_at}`` (Unix time); ``circuits``: per API,
+    ``CircuitState.as_dict()`` (absent: not read); ``now``: Unix time."""
     partitions = _partitions(beats, committed, ends)
-    apis = _apis(config, beats, quotas, blocked or {}, now)
+    apis = _apis(config, beats, quotas, blocked or {}, now, circuits or {})
     cache = _sum_fields((b.get("cache") or {} for b in beats), _CACHE_FIELDS)
     answered = cache["hits"] + cache["waits"] + cache["shared"]
     lookups = cache["hits"] + cache["misses"] + cache["shared"]
@@ -188,6 +193,12 @@ def aggregate(
             "calls": sum(a["in_flight"] for a in apis.values()),
         },
         "apis": apis,
+        "open_circuits": [
+            name for name, api in apis.items() if (api["circuit"] or {}).get("state") == "open"
+        ],
+        "half_open_circuits": [
+            name for name, api in apis.items() if (api["circuit"] or {}).get("state") == "half-open"
+        ],
         "cache": cache,
         "events": events,
         "replays": list(replays),
@@ -248,6 +259,7 @@ def _apis(
     quotas: Mapping[str, Sequence[Mapping[str, Any]]],
     blocked: Mapping[str, float],
     now: float,
+    circuits: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in sorted(set(config.apis) | {a for b in beats for a in (b.get("apis") or {})}):
@@ -283,9 +295,23 @@ def _apis(
                 "waiting": sum(int(f.get("waiting", 0)) for f in figures),
             },
             "blocked_until": _iso(blocked[name]) if name in blocked else None,
+            "circuit": _circuit(circuits.get(name)),
             "quotas": [_quota_forecast(q, burn, now) for q in quotas.get(name, ())],
         }
     return out
+
+
+def _circuit(state: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """An API's circuit: ``state`` (closed, open, half-open), the failures in a row, the end of
+    the cool-down and whether a probe is out (None: not read)."""
+    if state is None:
+        return None
+    return {
+        "state": state["state"],
+        "failures": int(state.get("failures", 0)),
+        "cool_down_until": state.get("cool_down_until"),
+        "probing": bool(state.get("probing", False)),
+    }
 
 
 def _quota_forecast(quota: Mapping[str, Any], burn: float, now: float) -> dict[str, Any]:
@@ -437,6 +463,7 @@ def render_status(status: Mapping[str, Any]) -> str:
                     else ""
                 ),
                 api["in_flight"],
+                (api["circuit"] or {}).get("state"),
             ]
         )
     if api_rows:
@@ -450,6 +477,7 @@ def render_status(status: Mapping[str, Any]) -> str:
             "429s",
             "limiter wait",
             "in flight",
+            "circuit",
         ]
         lines += ["  " + line for line in _table(headers, api_rows)]
     quota_rows = []
@@ -478,6 +506,12 @@ def render_status(status: Mapping[str, Any]) -> str:
             "  " + line
             for line in _table(["quota", "used", "left", "resets", "burn", "runs out"], quota_rows)
         ]
+    held = [
+        f"{name} ({api['circuit']['state']}, {api['circuit']['failures']} failures)"
+        for name, api in status["apis"].items()
+        if api["circuit"] is not None and api["circuit"]["state"] != "closed"
+    ]
+    lines.append(f"open circuits: {', '.join(held) if held else 'none'}")
     cache = status["cache"]
     ratio = "-" if cache["hit_ratio"] is None else f"{cache['hit_ratio']:.0%}"
     lines.append(
