@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,14 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from enricher.kafka import create_topics
-from enricher.services import LOOPBACK, EmbeddedKafka, EmbeddedRedis, _pdeathsig, find_free_port
+from enricher.services import (
+    LOOPBACK,
+    EmbeddedKafka,
+    EmbeddedRedis,
+    find_free_port,
+    spawn_child,
+    stop_child,
+)
 
 __all__ = [
     "PARTITIONS",
@@ -65,33 +71,12 @@ def page_view(i: int) -> dict[str, Any]:
 
 
 def _spawn(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,  # a terminal's Ctrl-C reaches only us
-            preexec_fn=_pdeathsig(),  # Linux: SIGTERM if we die
-        )
+    return spawn_child(command, log_path=log_path, cwd=cwd)
 
 
 async def stop_process(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT) -> None:
     """SIGTERM the process group, SIGKILL it after ``timeout``; reap it."""
-    _signal_group(proc, signal.SIGTERM)
-    try:
-        await asyncio.to_thread(proc.wait, timeout)
-    except subprocess.TimeoutExpired:
-        _signal_group(proc, signal.SIGKILL)
-        await asyncio.to_thread(proc.wait)
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    if proc.poll() is None:  # never signal a reaped pid's (possibly reused) group
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
+    await stop_child(proc, timeout)
 
 
 def rss_mb(pid: int) -> float | None:

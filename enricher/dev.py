@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -44,7 +43,7 @@ from .produce import key_for
 from .quota import read_usage
 from .runtime import connect_redis
 from .sandbox import SandboxServer, SandboxSettings, run_sandbox
-from .services import EmbeddedKafka, EmbeddedRedis, _pdeathsig
+from .services import EmbeddedKafka, EmbeddedRedis, spawn_child, stop_child
 
 __all__ = [
     "DevOptions",
@@ -209,17 +208,9 @@ class DevStack:
 
     def _spawn_worker(self, name: str) -> None:
         command = [sys.executable, "-m", "enricher", "worker", "--config", "enricher.yaml"]
-        with open(self.workdir / f"{name}.log", "ab") as log:
-            self.workers[name] = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,  # Faust writes its data dir here
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True,  # a terminal's Ctrl-C reaches only us
-                preexec_fn=_pdeathsig(),  # prctl only: SIGTERM if we die
-            )
+        # cwd: Faust writes its data dir there
+        log_path = self.workdir / f"{name}.log"
+        self.workers[name] = spawn_child(command, log_path=log_path, cwd=self.workdir)
 
     async def _start_clients(self, config: Config) -> None:
         producer = await start_producer(config)
@@ -299,29 +290,15 @@ class DevStack:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def _stop_workers(self) -> None:
-        await asyncio.gather(*(_stop_process(proc) for proc in self.workers.values()))
+        await asyncio.gather(
+            *(stop_child(proc, WORKER_STOP_TIMEOUT) for proc in self.workers.values())
+        )
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-async def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL it after ``WORKER_STOP_TIMEOUT``; reap it."""
-    _signal_group(proc, signal.SIGTERM)
-    try:
-        await asyncio.to_thread(proc.wait, WORKER_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        _signal_group(proc, signal.SIGKILL)
-        await asyncio.to_thread(proc.wait)
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    if proc.poll() is None:  # never signal a reaped pid's (possibly reused) group
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
 
 
 async def run_dev(options: DevOptions, *, duration: float | None, live: bool) -> int:

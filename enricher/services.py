@@ -53,6 +53,8 @@ __all__ = [
     "EmbeddedRedis",
     "find_free_port",
     "redis_server_binary",
+    "spawn_child",
+    "stop_child",
     "tansu_binary",
 ]
 
@@ -126,6 +128,28 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
     except subprocess.TimeoutExpired:
         _signal_group(proc, signal.SIGKILL)
         proc.wait()
+
+
+def spawn_child(command: list[str], *, log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start a child process (a worker, the sandbox) the way the embedded services are: its own
+    process group (a terminal's Ctrl-C reaches only us), output to ``log_path``, and on Linux a
+    SIGTERM if this process dies."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+            preexec_fn=_pdeathsig(),
+        )
+
+
+async def stop_child(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM the child's process group, SIGKILL it after ``timeout``; reap it."""
+    await asyncio.to_thread(_terminate, proc, timeout)
 
 
 def _cleanup(child: _Child) -> None:
