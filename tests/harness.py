@@ -190,7 +190,7 @@ class Stack:
             await admin.close()
 
     async def produce(
-        self, events: list[tuple[str | None, Any]], *, partition: int | None = None
+        self, events: Sequence[tuple[str | None, Any]], *, partition: int | None = None
     ) -> None:
         """Send (key, value) pairs; dict values are JSON-encoded, bytes sent as they are."""
         producer = AIOKafkaProducer(bootstrap_servers=_bootstrap(self.kafka_url), acks="all")

@@ -16,8 +16,23 @@ from .test_worker import page_view
 pytestmark = pytest.mark.integration
 
 
-def replay_id_from(stdout: str) -> str:
+async def status_of(stack: Stack, config: Any, replay_id: str) -> dict[str, Any]:
+    out = await stack.enricher("replay", "status", replay_id, "--config", str(config), "--json")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def last_line(stdout: str) -> str:
+    """The id a ``--detach`` command prints last."""
     return stdout.strip().splitlines()[-1].strip()
+
+
+async def start_replay(stack: Stack, config: Any, *, share: float | None = None) -> str:
+    """``enricher replay --from -1h --yes --detach``: re-feed the last hour; the replay id."""
+    args = ["replay", "--config", str(config), "--from", "-1h", "--yes", "--detach"]
+    if share is not None:
+        args += ["--share", str(share)]
+    return last_line(await stack.enricher(*args))
 
 
 async def test_replay_with_a_warm_cache_calls_the_api_zero_times(
@@ -30,23 +45,16 @@ async def test_replay_with_a_warm_cache_calls_the_api_zero_times(
     live = await stack.collect(expected=n)
     assert len(live.outputs) == n and sandbox.stats()["calls"] == n
 
-    out = await stack.enricher(
-        "replay", "--config", str(config), "--from", "-1h", "--yes", "--detach"
-    )
-    replay_id = replay_id_from(out)
+    replay_id = await start_replay(stack, config)
     got = await stack.collect_replayed(replay_id, n)
     assert got.replayed[replay_id] == n
     # same source (the original input) and same enrichment as the live outputs
-    live_by_source = {s: o for s, o in zip(live.sources, live.outputs, strict=False)}
     assert {s for s, _ in got.replay_outputs} == set(live.sources)
-    for _, body in got.replay_outputs:
-        assert body["enrichment"]["geo"]["ip"] == body["client"]["ip"]
+    live_enrichment = {o["seq"]: o["enrichment"] for o in live.outputs}
+    assert {b["seq"]: b["enrichment"] for _, b in got.replay_outputs} == live_enrichment
     assert sandbox.stats()["calls"] == n  # every answer came from the shared cache
-    status = json.loads(
-        await stack.enricher("replay", "status", replay_id, "--config", str(config), "--json")
-    )
+    status = await status_of(stack, config, replay_id)
     assert status["outputs"] == n and status["state"] == "done"
-    del live_by_source
 
 
 async def test_cold_replay_keeps_to_its_share_while_live_events_flow(
@@ -58,6 +66,37 @@ async def test_cold_replay_keeps_to_its_share_while_live_events_flow(
     await stack.produce([(f"r{i}", page_view(i, user=f"r{i}", ip=f"10.7.0.{i}")) for i in range(n)])
     await stack.collect(expected=n, timeout=60)
 
+    replay_id = await start_replay(stack, config, share=share)
+    live = [(f"l{i}", page_view(1000 + i, user=f"l{i}", ip=f"10.8.0.{i}")) for i in range(40)]
+    await stack.produce(live)
+    got = await stack.collect_replayed(replay_id, n, timeout=60)
+    everything = await stack.collect(expected=n + len(live), timeout=60)
+    live_times = sorted(everything.times)[n:]  # outputs of the live events sent during the replay
+    assert len(live_times) == len(live)
+
+    # Rates from the outputs' broker timestamps: the replay never beyond its share of the rate,
+    # live events at (most of) the rest while the replay runs.
+    replay_span = (max(got.replay_times) - min(got.replay_times)) / 1000
+    replay_burst = max(1, int(3 * share))
+    assert (n - replay_burst) / replay_span <= rate * share * 1.1
+    live_span = (live_times[-1] - live_times[0]) / 1000
+    assert len(live_times) / live_span >= 0.7 * rate * (1 - share)
+    assert live_times[-1] < max(got.replay_times)  # live did not wait for the replay
+    stats = sandbox.stats()
+    assert stats["calls"] == 2 * n + len(live)
+    assert stats["max_calls_in_any_second"] <= rate + 3
+
+
+async def test_dry_run_estimate_matches_the_replay_within_ten_percent(
+    stack: Stack, sandbox: SandboxServer
+) -> None:
+    # The estimate assumes the replay gets its whole share: true when live traffic leaves room
+    # (live goes first when both want the whole rate, see the cold replay test above).
+    rate, share, n = 20, 0.5, 40
+    config = stack.write_config(stack.config(rate=f"{rate}/s", burst=2))
+    stack.start_worker(config)
+    await stack.produce([(f"r{i}", page_view(i, user=f"r{i}", ip=f"10.9.0.{i}")) for i in range(n)])
+    await stack.collect(expected=n, timeout=60)
     plan = json.loads(
         await stack.enricher(
             "replay",
@@ -72,37 +111,11 @@ async def test_cold_replay_keeps_to_its_share_while_live_events_flow(
         )
     )
     assert (plan["events"], plan["calls_needed"]) == (n, n)  # cache off: every event calls
-    out = await stack.enricher(
-        "replay",
-        "--config",
-        str(config),
-        "--from",
-        "-1h",
-        "--yes",
-        "--detach",
-        "--share",
-        str(share),
-    )
-    replay_id = replay_id_from(out)
-    live = [(f"l{i}", page_view(1000 + i, user=f"l{i}", ip=f"10.8.0.{i}")) for i in range(40)]
-    await stack.produce(live)
+    replay_id = await start_replay(stack, config, share=share)
     got = await stack.collect_replayed(replay_id, n, timeout=60)
-    everything = await stack.collect(expected=n + len(live), timeout=60)
-    live_times = sorted(everything.times)[n:]  # outputs of the live events sent during the replay
-    assert len(live_times) == len(live)
-
-    # Rates from the outputs' broker timestamps: the replay never beyond its share of the rate,
-    # live events at (most of) the rest while the replay runs.
     replay_span = (max(got.replay_times) - min(got.replay_times)) / 1000
-    replay_burst = max(1, int(3 * share))
-    assert (n - replay_burst) / replay_span <= rate * share * 1.1
-    assert abs(plan["seconds"] - replay_span) <= 0.1 * plan["seconds"]  # the dry run's estimate
-    live_span = (live_times[-1] - live_times[0]) / 1000
-    assert len(live_times) / live_span >= 0.7 * rate * (1 - share)
-    assert live_times[-1] < max(got.replay_times)  # live did not wait for the replay
-    stats = sandbox.stats()
-    assert stats["calls"] == 2 * n + len(live)
-    assert stats["max_calls_in_any_second"] <= rate + 3
+    assert abs(plan["seconds"] - replay_span) <= 0.1 * plan["seconds"]
+    assert sandbox.stats()["calls"] == 2 * n
 
 
 async def test_cancel_stops_a_replays_calls_within_a_second(
@@ -113,27 +126,16 @@ async def test_cancel_stops_a_replays_calls_within_a_second(
     stack.start_worker(config)
     await stack.produce([(f"u{i}", page_view(i, user=f"u{i}")) for i in range(n)])
     await stack.collect(expected=n, timeout=60)
-    out = await stack.enricher(
-        "replay", "--config", str(config), "--from", "-1h", "--yes", "--detach", "--share", "0.5"
-    )
-    replay_id = replay_id_from(out)
+    replay_id = await start_replay(stack, config, share=0.5)
     await stack.collect_replayed(replay_id, 5)
     await stack.enricher("replay", "cancel", replay_id, "--config", str(config))
     await asyncio.sleep(1.0)  # the promised reaction time
     calls_after_cancel = sandbox.stats()["calls"]
     await asyncio.sleep(2.0)  # would be 10 more calls at the replay's 5/s
     assert sandbox.stats()["calls"] == calls_after_cancel
-    status: dict[str, Any] = json.loads(
-        await stack.enricher("replay", "status", replay_id, "--config", str(config), "--json")
-    )
+    status = await status_of(stack, config, replay_id)
     assert status["state"] == "cancelled"
     assert status["outputs"] < n
-
-
-async def status_of(stack: Stack, config: Any, replay_id: str) -> dict[str, Any]:
-    out = await stack.enricher("replay", "status", replay_id, "--config", str(config), "--json")
-    result: dict[str, Any] = json.loads(out)
-    return result
 
 
 async def test_replay_stops_at_its_quota_share_and_says_so_while_live_keeps_the_rest(
@@ -144,18 +146,7 @@ async def test_replay_stops_at_its_quota_share_and_says_so_while_live_keeps_the_
     stack.start_worker(config)
     await stack.produce([(f"u{i}", page_view(i, user=f"u{i}")) for i in range(n)])
     await stack.collect(expected=n)
-    out = await stack.enricher(
-        "replay",
-        "--config",
-        str(config),
-        "--from",
-        "-1h",
-        "--yes",
-        "--detach",
-        "--share",
-        str(share),
-    )
-    replay_id = replay_id_from(out)
+    replay_id = await start_replay(stack, config, share=share)
     cap = int(share * (quota - n))  # 14: its share of what was left
     await stack.collect_replayed(replay_id, cap)
     async with asyncio.timeout(10):
@@ -197,7 +188,7 @@ async def test_dead_letters_are_redriven_through_the_replay_lane(
             "--yes",
             "--detach",
         )
-        replay_id = replay_id_from(out)
+        replay_id = last_line(out)
         got = await stack.collect_replayed(replay_id, n)
     finally:
         stack.stop_all()
