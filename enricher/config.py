@@ -391,12 +391,12 @@ class IngestSettings(BaseModel):
     api_keys_file: Text | None = None  # one key per line, relative to the config file
     max_batch_events: Positive = 1000
     max_batch_bytes: Size = 5_242_880
-    max_event_bytes: Size = 1_048_576
+    max_event_bytes: Size | None = None  # None: worker.max_event_bytes
     ack_timeout: PositiveDuration = 10.0
 
     @model_validator(mode="after")
     def _event_fits_batch(self) -> IngestSettings:
-        if self.max_event_bytes > self.max_batch_bytes:
+        if self.max_event_bytes is not None and self.max_event_bytes > self.max_batch_bytes:
             raise _Invalid("max_event_bytes", "exceeds max_batch_bytes")
         return self
 
@@ -469,7 +469,7 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _ingest_fits_workers(self) -> Config:
         ingest, topics = self.ingest, self.topics
-        if ingest.max_event_bytes > self.worker.max_event_bytes:
+        if (ingest.max_event_bytes or 0) > self.worker.max_event_bytes:
             raise _Invalid(
                 "ingest.max_event_bytes",
                 "exceeds worker.max_event_bytes: workers would dead-letter such events",
@@ -723,7 +723,7 @@ def _effective_ingest(ingest: IngestSettings) -> dict[str, Any]:
         "routes": routes,
         "api_keys": [_MASK] * len(ingest.api_keys),
         "max_batch_bytes": units.format_size(ingest.max_batch_bytes),
-        "max_event_bytes": units.format_size(ingest.max_event_bytes),
+        "max_event_bytes": ingest.max_event_bytes and units.format_size(ingest.max_event_bytes),
         "ack_timeout": units.format_duration(ingest.ack_timeout),
     }
 

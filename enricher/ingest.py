@@ -23,7 +23,16 @@ from .errors import ConfigError, RefusedBatch, RejectedEvent
 from .produce import key_for
 from .schemas import SchemaId, SchemaRegistry
 
-__all__ = ["Ingestor", "Outcome", "Prepared", "Producer", "Route", "parse_batch", "routes_for"]
+__all__ = [
+    "Ingestor",
+    "Outcome",
+    "Prepared",
+    "Producer",
+    "Route",
+    "event_limit",
+    "parse_batch",
+    "routes_for",
+]
 
 Status = Literal["accepted", "rejected", "failed"]
 SCHEMA_HEADER = "enricher-schema"
@@ -93,6 +102,13 @@ def routes_for(config: Config, registry: SchemaRegistry) -> dict[str, Route]:
         key_field = (route.key_field if route else None) or ingest.key_field
         routes[name] = Route(topic, key_field)
     return routes
+
+
+def event_limit(config: Config) -> int:
+    """The largest event accepted: ``ingest.max_event_bytes``, by default the workers' limit."""
+    ingest = config.ingest
+    limit = ingest.max_event_bytes or config.worker.max_event_bytes
+    return min(limit, ingest.max_batch_bytes)
 
 
 def parse_batch(body: bytes, max_events: int) -> list[Any]:

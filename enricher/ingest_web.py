@@ -22,7 +22,7 @@ from . import units
 from .apikeys import ApiKeys, load_api_keys, presented_key
 from .config import Config
 from .errors import RefusedBatch
-from .ingest import Ingestor, parse_batch, routes_for
+from .ingest import Ingestor, event_limit, parse_batch, routes_for
 from .kafka import ensure_topics, start_producer
 from .schemas import SchemaRegistry
 
@@ -124,7 +124,7 @@ async def start_ingest(
         registry=registry,
         routes=routes,
         producer=producer,
-        max_event_bytes=settings.max_event_bytes,
+        max_event_bytes=event_limit(config),
         ack_timeout=settings.ack_timeout,
     )
     app = create_ingest_app(ingestor, keys, config)

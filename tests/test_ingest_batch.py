@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from enricher.apikeys import ApiKeys, load_api_keys, presented_key
 from enricher.config import config_from_dict, parse_config, render_effective
 from enricher.errors import ConfigError, RefusedBatch, RejectedEvent
-from enricher.ingest import Ingestor, Route, parse_batch, routes_for
+from enricher.ingest import Ingestor, Route, event_limit, parse_batch, routes_for
 from enricher.schemas import SchemaRegistry
 
 from .test_schemas import EXAMPLES, v1, v2, write
@@ -101,9 +101,15 @@ def test_config_defaults_masking_and_round_trip() -> None:
     )
     assert (ingest.max_batch_events, ingest.max_event_bytes, ingest.ack_timeout) == (
         1000,
-        1_048_576,
+        None,  # the workers' limit
         10.0,
     )
+    assert event_limit(config) == config.worker.max_event_bytes == 1_048_576
+    smaller = parse_config(
+        "worker: {max_event_bytes: 2MiB}\ningest: {max_batch_bytes: 1KB}", env={}
+    )
+    assert event_limit(smaller) == 1000  # KB = 1000 bytes
+    assert event_limit(parse_config("ingest: {max_event_bytes: 10KB}", env={})) == 10_000
     rendered = render_effective(config)
     assert SECRET not in rendered and "'***'" in rendered
     reparsed = parse_config(rendered, env={})
@@ -120,7 +126,7 @@ def test_config_defaults_masking_and_round_trip() -> None:
         ({"routes": {"click": {"topic": "events.enriched"}}}, "ingest.routes.click.topic"),
         ({"routes": {"click": {"partition": 1}}}, "ingest.routes.click.partition"),
         ({"max_event_bytes": "2MiB"}, "ingest.max_event_bytes"),
-        ({"max_batch_bytes": "1KB"}, "ingest.max_event_bytes"),
+        ({"max_batch_bytes": "1KB", "max_event_bytes": "2KB"}, "ingest.max_event_bytes"),
         ({"key_field": "a..b"}, "ingest.key_field"),
         ({"port": 70000}, "ingest.port"),
     ],
