@@ -2,7 +2,8 @@
 
 ``POST /events`` (API key required) answers 200 when every event was accepted, 207 with one
 result per event otherwise, and 400/401/413 when the whole request is refused. ``GET /health``
-answers 200 without a key. The process holds one Kafka producer (``acks=all``) for its lifetime.
+and ``GET /metrics`` answer without a key. The process holds one Kafka producer (``acks=all``)
+for its lifetime.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,8 @@ from . import units
 from .apikeys import ApiKeys, load_api_keys, presented_key
 from .config import Config
 from .errors import RefusedBatch
-from .ingest import Ingestor, event_limit, parse_batch, routes_for
+from .ingest import Ingestor, Outcome, event_limit, parse_batch, routes_for
+from .ingest_metrics import IngestMetrics
 from .kafka import ensure_topics, start_producer
 from .schemas import SchemaRegistry
 
@@ -33,16 +36,14 @@ __all__ = ["IngestServer", "create_ingest_app", "serve_ingest", "start_ingest"]
 class _State:
     ingestor: Ingestor
     keys: ApiKeys
+    metrics: IngestMetrics
     max_batch_bytes: int
     max_batch_events: int
 
 
 STATE = web.AppKey("ingest", _State)
-
-
-def _refused(code: int, message: str) -> web.Response:
-    headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
-    return web.json_response({"error": message}, status=code, headers=headers)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+logger = logging.getLogger(__name__)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -60,19 +61,38 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 async def post_events(request: web.Request) -> web.Response:
     """``POST /events``: a batch in, one result per event out."""
     state = request.app[STATE]
-    if not state.keys.accepts(presented_key(request.headers)):
-        return _refused(401, "missing or wrong API key")
+    started = time.monotonic()
+    outcomes: list[Outcome] = []
     try:
-        body = await _read_body(request, state.max_batch_bytes)
-        events = parse_batch(body, state.max_batch_events)
+        outcomes = await _ingest(request, state)
     except RefusedBatch as exc:
-        return _refused(exc.code, exc.message)
-    outcomes = await state.ingestor.ingest(events)
-    counts = {status: 0 for status in ("accepted", "rejected", "failed")}
-    for outcome in outcomes:
-        counts[outcome.status] += 1
-    answer = {**counts, "results": [outcome.as_dict() for outcome in outcomes]}
-    return web.json_response(answer, status=200 if counts["accepted"] == len(outcomes) else 207)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.code == 401 else None
+        response = web.json_response({"error": exc.message}, status=exc.code, headers=headers)
+    else:
+        counts = dict.fromkeys(("accepted", "rejected", "failed"), 0)
+        for outcome in outcomes:
+            counts[outcome.status] += 1
+        if counts["failed"]:
+            logger.warning("%d event(s) not acknowledged by the broker", counts["failed"])
+        answer = {**counts, "results": [outcome.as_dict() for outcome in outcomes]}
+        status = 200 if counts["accepted"] == len(outcomes) else 207
+        response = web.json_response(answer, status=status)
+    state.metrics.observe(response.status, outcomes, time.monotonic() - started)
+    return response
+
+
+async def _ingest(request: web.Request, state: _State) -> list[Outcome]:
+    if not state.keys.accepts(presented_key(request.headers)):
+        raise RefusedBatch(401, "missing or wrong API key")
+    body = await _read_body(request, state.max_batch_bytes)
+    events = parse_batch(body, state.max_batch_events)
+    return await state.ingestor.ingest(events)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format (no key needed)."""
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def get_health(request: web.Request) -> web.Response:
@@ -84,9 +104,13 @@ def create_ingest_app(ingestor: Ingestor, keys: ApiKeys, config: Config) -> web.
     """The aiohttp application (bodies over ``max_batch_bytes`` are refused unread)."""
     settings = config.ingest
     app = web.Application(client_max_size=settings.max_batch_bytes)
-    app[STATE] = _State(ingestor, keys, settings.max_batch_bytes, settings.max_batch_events)
+    metrics = IngestMetrics()
+    app[STATE] = _State(
+        ingestor, keys, metrics, settings.max_batch_bytes, settings.max_batch_events
+    )
     app.router.add_post("/events", post_events)
     app.router.add_get("/health", get_health)
+    app.router.add_get("/metrics", get_metrics)
     return app
 
 

@@ -220,6 +220,13 @@ async def test_wrong_or_missing_api_key_is_refused_and_publishes_nothing(
     records = await read_topic(stack, stack.topics["input"], 3)
     assert sorted(key or b"" for key, _, _ in records) == [b"e", b"f", b"g"]
 
+    async with aiohttp.ClientSession() as session, session.get(f"{server.url}/metrics") as got:
+        metrics = await got.text()
+    assert 'enricher_ingest_requests_total{code="401"} 4.0' in metrics
+    assert 'enricher_ingest_requests_total{code="200"} 3.0' in metrics
+    assert 'enricher_ingest_events_total{schema="page_view/v1",status="accepted"} 1.0' in metrics
+    assert KEY not in metrics and FILE_KEY not in metrics
+
 
 async def test_oversized_input_is_refused_cleanly(
     stack: Stack, start: Callable[..., Awaitable[IngestServer]]
