@@ -238,6 +238,30 @@ def sandbox_api(
 
 
 @cli.command()
+@config_option
+@click.option("--host", metavar="H", help="Address to listen on (default: ingest.host).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port to listen on (default: ingest.port; 0: a free port, printed).",
+)
+@handle_errors
+def ingest(config_path: str | None, host: str | None, port: int | None) -> None:
+    """Take batches of events over HTTP (POST /events), check each against its own schema and
+    publish the valid ones; runs until SIGINT/SIGTERM."""
+    import os
+    from pathlib import Path
+
+    from .ingest_web import serve_ingest
+
+    path = Path(config_path or os.environ.get("ENRICHER_CONFIG") or "./enricher.yaml")
+    config = load(str(path))
+    base_dir = path.resolve().parent  # ingest.schemas and api_keys_file are relative to it
+    asyncio.run(serve_ingest(config, base_dir=base_dir, host=host, port=port, announce=click.echo))
+
+
+@cli.command()
 @click.option(
     "--config",
     "config_path",

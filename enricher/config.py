@@ -41,6 +41,8 @@ __all__ = [
     "ApiSettings",
     "CircuitSettings",
     "Config",
+    "IngestRoute",
+    "IngestSettings",
     "KafkaSettings",
     "Quota",
     "QuotaPeriod",
@@ -366,6 +368,39 @@ class Rule(BaseModel):
         return {key: _as_tuple(allowed) for key, allowed in value.items()}
 
 
+class IngestRoute(BaseModel):
+    """Where ``enricher ingest`` publishes one event type: its topic and the field keying it."""
+
+    model_config = _MODEL
+    topic: Topic | None = None  # None: topics.input
+    key_field: DottedPath | None = None  # None: ingest.key_field
+
+
+class IngestSettings(BaseModel):
+    """``enricher ingest``: the HTTP endpoint taking batches of events (see the README)."""
+
+    model_config = _MODEL
+    host: Text = "127.0.0.1"
+    port: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=65535)] = 0
+    schemas: Text = "schemas"  # folder of <type>/v<N>.json, relative to the config file
+    type_field: DottedPath = "type"
+    version_field: DottedPath = "schema_version"
+    key_field: DottedPath = "user_id"
+    routes: dict[Name, IngestRoute] = Field(default_factory=dict)
+    api_keys: Annotated[tuple[Text, ...], BeforeValidator(_as_tuple)] = ()
+    api_keys_file: Text | None = None  # one key per line, relative to the config file
+    max_batch_events: Positive = 1000
+    max_batch_bytes: Size = 5_242_880
+    max_event_bytes: Size | None = None  # None: worker.max_event_bytes
+    ack_timeout: PositiveDuration = 10.0
+
+    @model_validator(mode="after")
+    def _event_fits_batch(self) -> IngestSettings:
+        if self.max_event_bytes is not None and self.max_event_bytes > self.max_batch_bytes:
+            raise _Invalid("max_event_bytes", "exceeds max_batch_bytes")
+        return self
+
+
 class Config(BaseModel):
     """The whole config file."""
 
@@ -378,12 +413,13 @@ class Config(BaseModel):
     apis: dict[str, ApiSettings] = Field(default_factory=dict)
     enrichments: tuple[Rule, ...] = ()
     unmatched: Literal["passthrough", "drop", "dead_letter"] = "passthrough"
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
 
     @model_validator(mode="before")
     @classmethod
     def _empty_sections(cls, data: Any) -> Any:
         """A section left empty in YAML (``apis:``, every entry commented out) is its default."""
-        sections = ("kafka", "redis", "topics", "worker", "apis", "enrichments")
+        sections = ("kafka", "redis", "topics", "worker", "apis", "enrichments", "ingest")
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if not (k in sections and v is None)}
         return data
@@ -428,6 +464,23 @@ class Config(BaseModel):
                     f"{at}.into", f"{rule.into!r} is used by enrichments[{seen_into[rule.into]}]"
                 )
             seen_into[rule.into] = index
+        return self
+
+    @model_validator(mode="after")
+    def _ingest_fits_workers(self) -> Config:
+        ingest, topics = self.ingest, self.topics
+        if (ingest.max_event_bytes or 0) > self.worker.max_event_bytes:
+            raise _Invalid(
+                "ingest.max_event_bytes",
+                "exceeds worker.max_event_bytes: workers would dead-letter such events",
+            )
+        written_by_workers = {topics.output, topics.dead_letter, topics.replay}
+        for name, route in ingest.routes.items():
+            if route.topic in written_by_workers:
+                raise _Invalid(
+                    f"ingest.routes.{name}.topic",
+                    f"{route.topic!r} is a topic the workers write; route events to an input topic",
+                )
         return self
 
 
@@ -501,6 +554,7 @@ def _config_error(exc: ValidationError) -> ConfigError:
     cause = first.get("ctx", {}).get("error")
     key = _key_path(first["loc"], cause.key if isinstance(cause, _Invalid) else "")
     secret = "headers" in first["loc"] or first["loc"][:1] == ("redis",)
+    secret = secret or "api_keys" in first["loc"]
     more = len(errors) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return ConfigError(key, _message(first, secret) + suffix)
@@ -655,6 +709,22 @@ def _effective(config: Config) -> dict[str, Any]:
         "apis": {name: _effective_api(api) for name, api in config.apis.items()},
         "enrichments": [_effective_rule(rule) for rule in config.enrichments],
         "unmatched": config.unmatched,
+        "ingest": _effective_ingest(config.ingest),
+    }
+
+
+def _effective_ingest(ingest: IngestSettings) -> dict[str, Any]:
+    routes = {
+        name: {k: v for k, v in route.model_dump().items() if v is not None}
+        for name, route in ingest.routes.items()
+    }
+    return {
+        **ingest.model_dump(),
+        "routes": routes,
+        "api_keys": [_MASK] * len(ingest.api_keys),
+        "max_batch_bytes": units.format_size(ingest.max_batch_bytes),
+        "max_event_bytes": ingest.max_event_bytes and units.format_size(ingest.max_event_bytes),
+        "ack_timeout": units.format_duration(ingest.ack_timeout),
     }
 
 

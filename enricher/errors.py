@@ -5,6 +5,8 @@
     │   └── BadArgument        a bad command-line argument; names the argument
     ├── ServiceUnavailable     Redis or Kafka cannot be reached (CLI exit 1)
     ├── ShuttingDown           the worker is stopping; a wait was cancelled, nothing was called
+    ├── RefusedBatch           `enricher ingest` refuses a whole request (400, 401, 413)
+    ├── RejectedEvent          `enricher ingest` rejects one event of a batch (413, 422)
     └── EventError             one event cannot be enriched: it becomes a dead letter
         ├── InvalidEvent       "invalid_event": bad JSON, not an object, too large, param missing
         └── CallError          kinds "http_status", "timeout", "connection", "bad_response"
@@ -28,6 +30,8 @@ __all__ = [
     "ErrorKind",
     "EventError",
     "InvalidEvent",
+    "RefusedBatch",
+    "RejectedEvent",
     "ServiceUnavailable",
     "ShuttingDown",
 ]
@@ -63,6 +67,29 @@ class ServiceUnavailable(EnricherError):
 
 class ShuttingDown(EnricherError):
     """The worker is stopping: a limiter wait was cancelled before any call was made."""
+
+
+class RefusedBatch(EnricherError):
+    """A whole ingestion request is refused (``code``: 400 bad body, 401 key, 413 too large)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class RejectedEvent(EnricherError):
+    """One event of an ingestion batch is rejected; the rest of the batch goes on.
+
+    ``code`` is its status in the answer (413 too large, 422 invalid); ``path`` is the JSON path
+    (``$.client.ip``) of the schema error, if any.
+    """
+
+    def __init__(self, code: int, reason: str, *, path: str | None = None) -> None:
+        self.code = code
+        self.reason = reason
+        self.path = path
+        super().__init__(reason)
 
 
 class EventError(EnricherError):
