@@ -38,7 +38,8 @@ from .config import Config, load_config
 from .demo import DemoEvents, encode
 from .dev_display import ApiFigures, Snapshot, progress_line, render, summary_lines
 from .errors import ConfigError
-from .kafka import create_topics, kafka_bootstrap, start_producer
+from .kafka import create_topics, kafka_options, start_producer
+from .kafka_security import aiokafka_security
 from .produce import key_for
 from .quota import read_usage
 from .runtime import connect_redis
@@ -173,7 +174,12 @@ class DevStack:
         config = self.config = self._write_config(original)
         topics = config.topics
         names = [topics.input, topics.output, topics.dead_letter, topics.replay]
-        await create_topics(config.kafka.broker, names, config.kafka.partitions)
+        await create_topics(
+            config.kafka.broker,
+            names,
+            config.kafka.partitions,
+            security=aiokafka_security(config.kafka.security),
+        )
         self._exit.push_async_callback(self._stop_workers)
         for number in range(1, self.options.workers + 1):
             self._spawn_worker(f"worker-{number}")
@@ -215,9 +221,7 @@ class DevStack:
     async def _start_clients(self, config: Config) -> None:
         producer = await start_producer(config)
         self._exit.push_async_callback(producer.stop)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka_bootstrap(config.kafka.broker), enable_auto_commit=False
-        )
+        consumer = AIOKafkaConsumer(**kafka_options(config), enable_auto_commit=False)
         await consumer.start()
         self._exit.push_async_callback(consumer.stop)
         redis = connect_redis(config)
