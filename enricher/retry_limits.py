@@ -6,9 +6,11 @@
                   A retry whose wait would end past ``deadline`` is not made.
     RetryBudget   retries this worker may make to one API: ``ratio`` of its first attempts over a
                   sliding window (10 s), plus a floor of a few retries per second so a trickle of
-                  events still retries (the gRPC / Finagle retry budget). Kept per worker process:
-                  every worker sees its own share of the traffic, so its own ratio bounds the sum,
-                  and a decision costs no Redis round trip while the API is failing.
+                  events still retries (the gRPC / Finagle retry budget). Retries the server
+                  paced with ``Retry-After`` are exempt (see :meth:`CallLimits.__call__`).
+                  Kept per worker process: each worker sees its own share of the traffic, so
+                  its own ratio bounds the sum (the floor adds a few retries a second per
+                  worker), and a decision costs no Redis round trip while the API is failing.
     CallLimits    both, for one call: the tenacity ``stop`` of that call, which remembers why it
                   stopped so the dead letter can say so.
 
@@ -121,12 +123,15 @@ class CallLimits:
 
         Tenacity computes the wait first, so ``upcoming_sleep`` is the wait this retry needs.
         The budget is asked last: a retry that the other limits refuse takes nothing from it.
+        A retry after a ``Retry-After`` does not use the budget: the wait is the server's own
+        and already pauses the API for every worker, so it adds no load the server did not ask
+        for (the deadline still applies).
         """
         if retry_state.attempt_number >= self.attempts:
             return True
         if self.spent + retry_state.upcoming_sleep > self.deadline:
             self.stopped_by = "deadline"
-        elif not self._budget.try_retry():
+        elif not _paced_by_server(retry_state) and not self._budget.try_retry():
             self.stopped_by = "budget"
         return self.stopped_by is not None
 
@@ -166,3 +171,10 @@ async def timed(awaitable: Awaitable[T]) -> T:
     if limits is None:
         return await awaitable
     return await limits.timed(awaitable)
+
+
+def _paced_by_server(retry_state: RetryCallState) -> bool:
+    """Whether the failed attempt carries the server's ``Retry-After``."""
+    outcome = retry_state.outcome
+    error = outcome.exception() if outcome is not None else None
+    return isinstance(error, CallError) and error.retry_after is not None
