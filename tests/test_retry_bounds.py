@@ -9,11 +9,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from enricher.caller import ApiCaller
 from enricher.config import ApiSettings, config_from_dict
 from enricher.errors import CallError
 from enricher.sandbox import SandboxServer, SandboxSettings, run_sandbox
+from enricher.services import find_free_port
+
+from .harness import Stack
 
 
 class OpenLimiter:
@@ -126,3 +130,53 @@ async def test_a_few_failures_still_recover_within_the_limits(
     finally:
         await api.close()
     assert answer["ip"] == "10.0.0.1" and calls == 3
+
+
+# --- a real worker -------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_a_worker_dead_letters_what_the_deadline_and_budget_stop(
+    tmp_path: Any, kafka: Any, redis_service: Any
+) -> None:
+    n = 20
+    api = await _sandbox(failing=True, latency=0.2)
+    stack = Stack(tmp_path, kafka_url=kafka.url, redis_url=redis_service.url, api_url=api.url)
+    port = find_free_port()
+    try:
+        await stack.create_topics()
+        retry = {"attempts": 20, "backoff": "50ms..50ms", "deadline": "1s"}
+        config = stack.config(retry=retry, circuit={"failures": 0})  # no circuit: no holding
+        stack.start_worker(stack.write_config(config), ["--web-port", str(port)])
+        events = [(f"u{i}", page_view(i)) for i in range(n)]
+        await stack.produce(events)
+        got = await stack.collect(expected=n, timeout=60)
+        calls = api.stats()["calls"]
+        metrics = await _metrics(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        stack.stop_all()
+        await api.close()
+    assert not got.outputs and len(got.dead_letters) == n and got.duplicates() == 0
+    errors = [letter["error"] for letter in got.dead_letters]
+    assert {(e["kind"], e["status"], e["api"]) for e in errors} == {("http_status", 503, "geo")}
+    reasons = {e["message"].partition("; no retry: ")[2] for e in errors}
+    assert reasons <= {"deadline exceeded (1s)", "retry budget exhausted"} and reasons
+    assert all(1 <= e["attempts"] <= 4 for e in errors)
+    assert calls == sum(e["attempts"] for e in errors)  # every attempt counted, none hidden
+    assert set(metrics) == {"budget", "deadline"} and sum(metrics.values()) == n
+
+
+def page_view(i: int) -> dict[str, Any]:
+    return {"type": "page_view", "user": f"u{i}", "seq": i, "client": {"ip": f"10.7.0.{i}"}}
+
+
+async def _metrics(url: str) -> dict[str, float]:
+    """``enricher_retries_denied_total`` samples of api geo by their reason label."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "enricher_retries_denied_total" and sample.labels["api"] == "geo":
+                found[sample.labels["reason"]] = sample.value
+    return found
