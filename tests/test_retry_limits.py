@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+import yaml
 
-from enricher.errors import CallError
+from enricher.config import config_from_dict, render_effective
+from enricher.errors import CallError, ConfigError
 from enricher.retry import RetryPolicy
 from enricher.retry_limits import RetryBudget, timed
 
@@ -176,3 +178,36 @@ async def test_retries_paced_by_a_retry_after_do_not_use_the_budget() -> None:
     api = Api(clock, retry_after=1.0)
     error = await _call(policy, api)
     assert api.requests == 4 and error.retry_stopped is None  # the attempts ran out
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def _retry(**retry: object) -> dict[str, object]:
+    return {"apis": {"geo": {"url": "http://api.test/{ip}", "rate": "5/s", "retry": retry}}}
+
+
+def test_config_defaults_and_effective_rendering() -> None:
+    config = config_from_dict(_retry(deadline="90s", budget=0.5))
+    retry = config.apis["geo"].retry
+    assert (retry.deadline, retry.budget) == (90.0, 0.5)
+    shown = yaml.safe_load(render_effective(config))["apis"]["geo"]["retry"]
+    assert (shown["deadline"], shown["budget"]) == ("90s", 0.5)
+    defaults = config_from_dict(_retry()).apis["geo"].retry
+    assert (defaults.deadline, defaults.budget) == (30.0, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("retry", "message"),
+    [
+        ({"deadline": "0s"}, "apis.geo.retry.deadline: must be > 0, got '0s'"),
+        ({"deadline": "soon"}, "apis.geo.retry.deadline: "),
+        ({"budget": -0.1}, "apis.geo.retry.budget: must be >= 0, got -0.1"),
+        ({"budget": True}, "apis.geo.retry.budget: expected a number, got True"),
+        ({"budget": "lots"}, "apis.geo.retry.budget: expected a number, got 'lots'"),
+    ],
+)
+def test_config_refuses_bad_values_naming_the_key(retry: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(_retry(**retry))
+    assert str(caught.value).startswith(message)
