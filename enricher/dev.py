@@ -93,10 +93,13 @@ def effective_config(
 ) -> dict[str, Any]:
     """``raw`` (a parsed config file) with the embedded broker, Redis and API URLs.
 
-    The rest, ``${VAR}`` references included, is kept for the workers to expand as usual.
+    The rest, ``${VAR}`` references included, is kept for the workers to expand as usual,
+    except ``kafka.security`` (the embedded broker speaks plain Kafka).
     """
     data = dict(raw or {})
-    data["kafka"] = {**(data.get("kafka") or {}), "broker": kafka_url, **DEV_KAFKA_TIMEOUTS}
+    # the embedded broker is plain, on loopback: a production config's TLS / SASL does not apply
+    kafka = {k: v for k, v in (data.get("kafka") or {}).items() if k != "security"}
+    data["kafka"] = {**kafka, "broker": kafka_url, **DEV_KAFKA_TIMEOUTS}
     data["redis"] = {**(data.get("redis") or {}), "url": redis_url}
     apis = data.get("apis") or {}
     data["apis"] = {name: {**api, "url": api_urls[name]} for name, api in apis.items()}

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer
 import enricher
 from enricher.app import faust_settings
 from enricher.config import Config, config_from_dict, render_effective
+from enricher.dev import effective_config
 from enricher.errors import ConfigError, ServiceUnavailable
 from enricher.kafka import ensure_topics, kafka_options, start_producer
 from enricher.kafka_security import aiokafka_security, faust_credentials, ssl_context
@@ -398,3 +399,12 @@ async def _read(config: Config, topic: str, count: int, *, timeout: float) -> li
     finally:
         await consumer.stop()
     return found
+
+
+def test_the_dev_stack_drops_kafka_security_for_its_plain_embedded_broker() -> None:
+    raw = {"kafka": {"broker": "kafka://prod:9093", "partitions": 3, "security": sasl()}}
+    data = effective_config(
+        raw, kafka_url="kafka://127.0.0.1:1", redis_url="redis://x", api_urls={}
+    )
+    assert data["kafka"]["broker"] == "kafka://127.0.0.1:1" and data["kafka"]["partitions"] == 3
+    assert "security" not in data["kafka"]
