@@ -22,6 +22,7 @@ from faust.types import TP
 from .config import Config
 from .errors import ShuttingDown
 from .heartbeat import Heartbeat
+from .kafka_security import faust_credentials
 from .monitor import WorkerMonitor
 from .pipeline import OutputTooLarge, Pipeline, SinkUnavailable
 from .records import ORIGIN_HEADER, REPLAY_HEADER, InputRecord, OutputRecord, parse_origin
@@ -41,6 +42,7 @@ def faust_settings(config: Config, *, web_port: int) -> dict[str, Any]:
     in_flight = config.worker.in_flight
     return {
         "broker": list(config.kafka.broker),
+        "broker_credentials": faust_credentials(config.kafka.security),  # TLS / SASL_SSL
         "broker_session_timeout": config.kafka.session_timeout,
         "broker_rebalance_timeout": config.kafka.rebalance_timeout,
         "broker_heartbeat_interval": min(3.0, config.kafka.session_timeout / 3),

@@ -4,7 +4,9 @@ Each attempt passes, in this order, the API's circuit breaker (held while the AP
 see :mod:`enricher.circuit`), a slot of the API's per-worker semaphore, a limiter token (so retries
 count against the rate and quotas too, in the call's lane), then makes one request. A failure that
 finds the circuit open does not count as an attempt: the call holds until the circuit closes and
-tries again, so an API that is down holds its events instead of dead-lettering them. With a
+tries again, so an API that is down holds its events instead of dead-lettering them. Retries are
+also bounded by the event's deadline and the worker's retry budget (:mod:`enricher.retry_limits`):
+only the requests and the retry waits count against the deadline, never these holds. With a
 response cache and an API that caches, the whole retrying call runs inside ``get_or_call`` under
 the request's key (see :mod:`enricher.cache`): a cached answer takes no token. Everything aiohttp
 raises is translated here into a CallError whose message holds no URL, query, header or library
@@ -34,6 +36,7 @@ from .circuit import CircuitBreaker, outcome_of
 from .errors import CallError, ErrorKind
 from .lanes import Lane
 from .retry import RetryConfig, RetryPolicy, Sleep, parse_retry_after
+from .retry_limits import timed
 from .signals import RateSignal, read_signal
 from .urls import UrlTemplate
 
@@ -162,13 +165,16 @@ class ApiCaller:
     async def _call(self, endpoint: _Endpoint, url: URL, body: Any, lane: Lane | None) -> Any:
         """The retrying call: attempts until an answer, a final error or the attempts run out."""
         attempts = 0
+        limits = endpoint.policy.limits()  # the event's deadline, the worker's retry budget
         try:
-            async for attempt in endpoint.policy.retrying(self._sleep):
-                with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    return await self._attempt(endpoint, url, body, lane)
+            with limits.active():
+                async for attempt in endpoint.policy.retrying(self._sleep, limits):
+                    with attempt:
+                        attempts = attempt.retry_state.attempt_number
+                        return await self._attempt(endpoint, url, body, lane)
         except CallError as exc:
             exc.attempts = attempts
+            limits.explain(exc)
             raise
         raise AssertionError("unreachable: tenacity ends with a result or an error")
 
@@ -194,7 +200,8 @@ class ApiCaller:
     async def _exchange(self, endpoint: _Endpoint, url: URL, body: Any, lane: Lane | None) -> Any:
         async with endpoint.semaphore:
             grant = await self._limiter.acquire(endpoint.name, lane)
-            result, retry_after, signal = await self._request(endpoint, url, body)
+            # only the request counts against the deadline: not the waits for a slot or token
+            result, retry_after, signal = await timed(self._request(endpoint, url, body))
         if retry_after is not None and retry_after > 0:
             # The server's signal wins: pause this API for every worker, then wait it out too.
             await self._limiter.block(endpoint.name, retry_after)

@@ -43,6 +43,7 @@ __all__ = [
     "Config",
     "IngestRoute",
     "IngestSettings",
+    "KafkaSecurity",
     "KafkaSettings",
     "Quota",
     "QuotaPeriod",
@@ -171,6 +172,62 @@ class Quota(BaseModel):
         return units.format_quota(self.limit, self.period)
 
 
+class KafkaSecurity(BaseModel):
+    """How every Kafka client connects: ``PLAINTEXT``, ``SSL`` (TLS, optionally with a client
+    certificate) or ``SASL_SSL`` (a SASL login inside TLS). A SASL password is never sent in
+    clear: ``SASL_PLAINTEXT`` and credentials without TLS are refused."""
+
+    model_config = _MODEL
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = "PLAINTEXT"
+    cafile: Text | None = None  # CA bundle that verifies the broker; None: the system's CAs
+    certfile: Text | None = None  # client certificate (mutual TLS), PEM; may hold the key too
+    keyfile: Text | None = None
+    check_hostname: bool = True
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    username: Text | None = None
+    password: Text | None = None
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _refuse_clear_sasl(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.upper() == "SASL_PLAINTEXT":
+            raise ValueError("SASL_PLAINTEXT would send the SASL password in clear; use SASL_SSL")
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("cafile", "certfile", "keyfile")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"file not found or not readable: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecurity:
+        sasl = {"sasl_mechanism": self.sasl_mechanism, "username": self.username}
+        sasl["password"] = self.password
+        if self.protocol == "SASL_SSL":
+            for key in ("username", "password"):
+                if sasl[key] is None:
+                    raise _Invalid(key, "required with protocol SASL_SSL")
+        else:
+            for key, value in sasl.items():
+                if value is not None:
+                    why = "would be sent in clear" if self.protocol == "PLAINTEXT" else "unused"
+                    raise _Invalid(key, f"a SASL setting ({why}): set protocol: SASL_SSL")
+        if self.protocol == "PLAINTEXT":
+            for key in ("cafile", "certfile", "keyfile"):
+                if getattr(self, key) is not None:
+                    raise _Invalid(key, "a TLS option: set protocol: SSL or SASL_SSL")
+        if self.keyfile is not None and self.certfile is None:
+            raise _Invalid("keyfile", "needs certfile (the client certificate)")
+        return self
+
+    @property
+    def mechanism(self) -> str:
+        """The SASL mechanism in use (``PLAIN`` unless set)."""
+        return self.sasl_mechanism or "PLAIN"
+
+
 class KafkaSettings(BaseModel):
     """The broker, and what the app passes to Faust."""
 
@@ -182,6 +239,7 @@ class KafkaSettings(BaseModel):
     rebalance_timeout: PositiveDuration = 60.0
     session_timeout: PositiveDuration = 60.0
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    security: KafkaSecurity = Field(default_factory=KafkaSecurity)
 
 
 class RedisSettings(BaseModel):
@@ -243,6 +301,10 @@ class RetrySettings(BaseModel):
         *(429, 500, 502, 503, 504),
     )
     max_retry_after: PositiveDuration = 300.0
+    # the event's time for requests and retry waits (limiter and quota holds do not count)
+    deadline: PositiveDuration = 30.0
+    # retries per first attempt this worker may make to the API over ~10 s (plus a small floor)
+    budget: Annotated[float, BeforeValidator(_not_bool), Field(ge=0)] = 0.2
 
     @model_validator(mode="before")
     @classmethod
@@ -554,7 +616,7 @@ def _config_error(exc: ValidationError) -> ConfigError:
     cause = first.get("ctx", {}).get("error")
     key = _key_path(first["loc"], cause.key if isinstance(cause, _Invalid) else "")
     secret = "headers" in first["loc"] or first["loc"][:1] == ("redis",)
-    secret = secret or "api_keys" in first["loc"]
+    secret = secret or "api_keys" in first["loc"] or first["loc"][:2] == ("kafka", "security")
     more = len(errors) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return ConfigError(key, _message(first, secret) + suffix)
@@ -699,6 +761,7 @@ def _effective(config: Config) -> dict[str, Any]:
             "rebalance_timeout": units.format_duration(kafka.rebalance_timeout),
             "session_timeout": units.format_duration(kafka.session_timeout),
             "auto_offset_reset": kafka.auto_offset_reset,
+            **_effective_security(kafka.security),
         },
         "redis": {**config.redis.model_dump(), "url": mask_url(config.redis.url)},
         "topics": config.topics.model_dump(),
@@ -728,6 +791,18 @@ def _effective_ingest(ingest: IngestSettings) -> dict[str, Any]:
     }
 
 
+def _effective_security(security: KafkaSecurity) -> dict[str, Any]:
+    """``{"security": ...}`` with the password masked; nothing for plain connections."""
+    if security.protocol == "PLAINTEXT":
+        return {}
+    shown = security.model_dump(exclude_none=True)
+    if security.protocol == "SASL_SSL":
+        shown["sasl_mechanism"] = security.mechanism
+    if security.password is not None:
+        shown["password"] = _MASK
+    return {"security": shown}
+
+
 def _effective_api(api: ApiSettings) -> dict[str, Any]:
     retry = api.retry
     return {
@@ -744,6 +819,8 @@ def _effective_api(api: ApiSettings) -> dict[str, Any]:
             "backoff": units.format_backoff(retry.backoff_min, retry.backoff_max),
             "on_status": list(retry.on_status),
             "max_retry_after": units.format_duration(retry.max_retry_after),
+            "deadline": units.format_duration(retry.deadline),
+            "budget": retry.budget,
         },
         "circuit": {
             "failures": api.circuit.failures,

@@ -38,7 +38,8 @@ from .config import Config, load_config
 from .demo import DemoEvents, encode
 from .dev_display import ApiFigures, Snapshot, progress_line, render, summary_lines
 from .errors import ConfigError
-from .kafka import create_topics, kafka_bootstrap, start_producer
+from .kafka import create_topics, kafka_options, start_producer
+from .kafka_security import aiokafka_security
 from .produce import key_for
 from .quota import read_usage
 from .runtime import connect_redis
@@ -92,10 +93,13 @@ def effective_config(
 ) -> dict[str, Any]:
     """``raw`` (a parsed config file) with the embedded broker, Redis and API URLs.
 
-    The rest, ``${VAR}`` references included, is kept for the workers to expand as usual.
+    The rest, ``${VAR}`` references included, is kept for the workers to expand as usual,
+    except ``kafka.security`` (the embedded broker speaks plain Kafka).
     """
     data = dict(raw or {})
-    data["kafka"] = {**(data.get("kafka") or {}), "broker": kafka_url, **DEV_KAFKA_TIMEOUTS}
+    # the embedded broker is plain, on loopback: a production config's TLS / SASL does not apply
+    kafka = {k: v for k, v in (data.get("kafka") or {}).items() if k != "security"}
+    data["kafka"] = {**kafka, "broker": kafka_url, **DEV_KAFKA_TIMEOUTS}
     data["redis"] = {**(data.get("redis") or {}), "url": redis_url}
     apis = data.get("apis") or {}
     data["apis"] = {name: {**api, "url": api_urls[name]} for name, api in apis.items()}
@@ -173,7 +177,12 @@ class DevStack:
         config = self.config = self._write_config(original)
         topics = config.topics
         names = [topics.input, topics.output, topics.dead_letter, topics.replay]
-        await create_topics(config.kafka.broker, names, config.kafka.partitions)
+        await create_topics(
+            config.kafka.broker,
+            names,
+            config.kafka.partitions,
+            security=aiokafka_security(config.kafka.security),
+        )
         self._exit.push_async_callback(self._stop_workers)
         for number in range(1, self.options.workers + 1):
             self._spawn_worker(f"worker-{number}")
@@ -215,9 +224,7 @@ class DevStack:
     async def _start_clients(self, config: Config) -> None:
         producer = await start_producer(config)
         self._exit.push_async_callback(producer.stop)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka_bootstrap(config.kafka.broker), enable_auto_commit=False
-        )
+        consumer = AIOKafkaConsumer(**kafka_options(config), enable_auto_commit=False)
         await consumer.start()
         self._exit.push_async_callback(consumer.stop)
         redis = connect_redis(config)

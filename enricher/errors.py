@@ -133,8 +133,12 @@ class CallError(EventError):
     """An API call failed.
 
     ``retriable`` says whether another attempt may succeed (timeouts, connection errors and the
-    configured statuses); ``retry_after`` is the server's ``Retry-After`` in seconds, if sent.
+    configured statuses); ``retry_after`` is the server's ``Retry-After`` in seconds, if sent;
+    ``retry_stopped`` names the limit that refused a further attempt (``"deadline"`` or
+    ``"budget"``), if one did.
     """
+
+    retry_stopped: str | None = None
 
     def __init__(
         self,

@@ -102,6 +102,7 @@ class ApiStats:
 
     calls: Counter[str] = field(default_factory=Counter)  # outcome -> calls
     attempts: Counter[str] = field(default_factory=Counter)  # result -> HTTP attempts
+    retries_denied: Counter[str] = field(default_factory=Counter)  # "deadline" / "budget" -> n
     grants: int = 0  # limiter tokens granted (each one is also a quota unit)
     waits: WaitHistogram = field(default_factory=WaitHistogram)
     in_flight: int = 0  # calls being made now (waiting for a token included)
@@ -140,6 +141,7 @@ class ApiStats:
             "errors": self.errors,
             "attempts": dict(self.attempts),
             "status_429": self.attempts.get("429", 0),
+            "retries_denied": dict(self.retries_denied),
             "grants": self.grants,
             "in_flight": self.in_flight,
             "waiting": self.waiting,
@@ -215,6 +217,9 @@ class MeteredClient:
             result = await self._inner.call(api, params, lane)
         except EventError as exc:
             stats.calls[exc.kind] += 1
+            stopped = getattr(exc, "retry_stopped", None)
+            if stopped is not None:
+                stats.retries_denied[stopped] += 1
             raise
         finally:
             stats.in_flight -= 1
@@ -314,6 +319,12 @@ def _api_families(apis: Mapping[str, Any], stats: WorkerStats | None) -> Iterato
     waiting = GaugeMetricFamily(
         "enricher_limiter_waiting", "Calls waiting for a limiter token now.", labels=["api"]
     )
+    denied = CounterMetricFamily(
+        "enricher_retries_denied",
+        "Retries not made because the event's deadline or the worker's retry budget refused "
+        "them (the event became a dead letter), by reason: deadline or budget.",
+        labels=["api", "reason"],
+    )
     waits = HistogramMetricFamily(
         "enricher_limiter_wait_seconds",
         "Time each attempt waited for its limiter token.",
@@ -327,10 +338,13 @@ def _api_families(apis: Mapping[str, Any], stats: WorkerStats | None) -> Iterato
         grants.add_metric([api], float(figures.get("grants", 0)))
         in_flight.add_metric([api], float(figures.get("in_flight", 0)))
         waiting.add_metric([api], float(figures.get("waiting", 0)))
+        for reason in ("budget", "deadline"):
+            n = figures.get("retries_denied", {}).get(reason, 0)
+            denied.add_metric([api, reason], float(n))
         histogram = stats.apis.get(api) if stats is not None else None
         if histogram is not None:
             waits.add_metric([api], histogram.waits.cumulative(), histogram.waits.sum)
-    yield from (calls, attempts, grants, in_flight, waiting, waits)
+    yield from (calls, attempts, grants, in_flight, waiting, denied, waits)
 
 
 def _quota_families(quotas: Mapping[str, Any]) -> Iterator[Metric]:

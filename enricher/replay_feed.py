@@ -17,7 +17,8 @@ from aiokafka.errors import KafkaError
 
 from .config import Config
 from .errors import ServiceUnavailable
-from .kafka import create_topics, kafka_bootstrap, start_producer
+from .kafka import create_topics, kafka_options, start_producer
+from .kafka_security import aiokafka_security
 from .records import ORIGIN_HEADER, REPLAY_HEADER
 from .replay import Kind, Replay, ReplayRegistry
 from .replay_scan import ScannedRecord, TopicScan, Window
@@ -88,7 +89,7 @@ async def feed_batch(
 
 async def topic_partitions(config: Config, topic: str) -> int | None:
     """How many partitions ``topic`` has; None when it does not exist (and it is not created)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap(config.kafka.broker))
+    consumer = AIOKafkaConsumer(**kafka_options(config))
     try:
         await consumer.start()
         if topic not in await consumer.topics():
@@ -126,7 +127,12 @@ class Feeding:
 async def _replay_topic(config: Config) -> int:
     """Create the replay topic if missing (as many partitions as the input); its partitions."""
     partitions = await topic_partitions(config, config.topics.input) or config.kafka.partitions
-    await create_topics(config.kafka.broker, [config.topics.replay], partitions)
+    await create_topics(
+        config.kafka.broker,
+        [config.topics.replay],
+        partitions,
+        security=aiokafka_security(config.kafka.security),
+    )
     return await topic_partitions(config, config.topics.replay) or partitions
 
 

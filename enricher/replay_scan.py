@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 
 from .config import Config
 from .errors import BadArgument, ServiceUnavailable
-from .kafka import kafka_bootstrap
+from .kafka import kafka_options
 from .units import parse_duration
 
 __all__ = ["ScanStats", "ScannedRecord", "TopicScan", "Window", "parse_time", "parse_window"]
@@ -130,7 +130,7 @@ class TopicScan:
 
     async def batches(self) -> AsyncGenerator[list[ScannedRecord], None]:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka_bootstrap(self.config.kafka.broker),
+            **kafka_options(self.config),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )

@@ -1,6 +1,7 @@
 """Retry policy for API calls, built once per API from its ``retry`` settings.
 
-    stop   after ``attempts`` attempts in total (the first one included)
+    stop   after ``attempts`` attempts in total (the first one included), or when the event's
+           ``deadline`` or the worker's retry ``budget`` refuses the retry (:mod:`.retry_limits`)
     wait   the server's ``Retry-After`` when it sent one (capped), otherwise full jitter:
            a random delay in [backoff_min, min(backoff_max, 2 * backoff_min * 2**(n-1))]
     retry  only a CallError whose ``retriable`` is true; anything else (ShuttingDown,
@@ -15,9 +16,11 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from functools import partial
 from typing import Protocol
 
 from tenacity import (
@@ -30,6 +33,7 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from .errors import CallError
+from .retry_limits import CallLimits, Clock, RetryBudget
 
 __all__ = ["RetryConfig", "RetryPolicy", "RetryWait", "Sleep", "is_retriable", "parse_retry_after"]
 
@@ -52,6 +56,10 @@ class RetryConfig(Protocol):
     def on_status(self) -> Collection[int]: ...
     @property
     def max_retry_after(self) -> float: ...
+    @property
+    def deadline(self) -> float: ...
+    @property
+    def budget(self) -> float: ...
 
 
 def parse_retry_after(value: str | None, *, now: datetime, cap: float) -> float | None:
@@ -117,11 +125,14 @@ class RetryWait(wait_base):
 class RetryPolicy:
     """Stop, wait and retry rules for one API; :meth:`retrying` makes a controller per call."""
 
-    __slots__ = ("_retry", "api", "attempts", "stop", "wait")
+    __slots__ = ("_clock", "_retry", "api", "attempts", "budget", "deadline", "stop", "wait")
 
-    def __init__(self, settings: RetryConfig, *, api: str) -> None:
+    def __init__(self, settings: RetryConfig, *, api: str, clock: Clock = time.monotonic) -> None:
         self.api = api
         self.attempts = settings.attempts
+        self.deadline = settings.deadline
+        self.budget = RetryBudget(settings.budget, clock=clock)
+        self._clock = clock
         self.stop = stop_after_attempt(settings.attempts)
         self.wait = RetryWait(
             backoff_min=settings.backoff_min,
@@ -130,15 +141,23 @@ class RetryPolicy:
         )
         self._retry = retry_if_exception(is_retriable)
 
-    def retrying(self, sleep: Sleep) -> AsyncRetrying:
-        """A fresh controller for one call.
+    def limits(self) -> CallLimits:
+        """The deadline and retry budget of one call (which counts as a first attempt)."""
+        return CallLimits(
+            attempts=self.attempts, deadline=self.deadline, budget=self.budget, clock=self._clock
+        )
+
+    def retrying(self, sleep: Sleep, limits: CallLimits | None = None) -> AsyncRetrying:
+        """A fresh controller for one call, within ``limits`` when given (else attempts only).
 
         Not shared between calls: tenacity keeps each run's state on the controller itself.
         ``reraise=True`` makes the last CallError itself escape, never a tenacity RetryError.
         """
+        if limits is not None:
+            sleep = partial(_timed_sleep, sleep, limits)
         return AsyncRetrying(
             sleep=sleep,
-            stop=self.stop,
+            stop=limits if limits is not None else self.stop,
             wait=self.wait,
             retry=self._retry,
             before_sleep=self._log_retry,
@@ -158,3 +177,8 @@ class RetryPolicy:
             getattr(exc, "status", None),
             delay,
         )
+
+
+async def _timed_sleep(sleep: Sleep, limits: CallLimits, seconds: float) -> None:
+    """A retry wait, counted against the call's deadline."""
+    await limits.timed(sleep(seconds))

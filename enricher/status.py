@@ -33,7 +33,7 @@ from .config import Config
 from .errors import ServiceUnavailable
 from .health import STALL_AFTER
 from .heartbeat import read_heartbeats
-from .kafka import kafka_bootstrap
+from .kafka import kafka_options
 from .quota import REDIS_ERRORS, read_usage
 from .replay import ReplayRegistry
 from .runtime import connect_redis
@@ -63,7 +63,7 @@ async def _kafka_offsets(config: Config) -> tuple[Offsets, Offsets]:
     Committed offsets are asked through a consumer of the group that subscribes to nothing
     (aiokafka's admin client cannot decode Tansu's OffsetFetch reply without partitions)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka_bootstrap(config.kafka.broker),
+        **kafka_options(config),
         group_id=config.app_id,
         enable_auto_commit=False,
     )

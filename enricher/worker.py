@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaClient
 from .app import EnricherApp, create_app
 from .config import Config
 from .errors import ServiceUnavailable
-from .kafka import kafka_bootstrap
+from .kafka import kafka_options
 from .logs import LogFormat, use_format
 from .runtime import connect_redis
 from .services import find_free_port
@@ -59,7 +59,7 @@ async def preflight(config: Config, *, timeout: float = 15.0) -> None:
         raise ServiceUnavailable("redis", "no answer to PING") from None
     finally:
         await redis.aclose()
-    client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap(config.kafka.broker))
+    client = AIOKafkaClient(**kafka_options(config))
     try:
         await asyncio.wait_for(_until_ok(client.bootstrap), timeout)
     except TimeoutError:

@@ -30,6 +30,8 @@ class Retry:
     backoff_max: float = 1.0
     on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
     max_retry_after: float = 300.0
+    deadline: float = 30.0
+    budget: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class Retry:
     backoff_max: float = 0.01
     on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
     max_retry_after: float = 300.0
+    deadline: float = 30.0
+    budget: float = 0.2
 
 
 @dataclass(frozen=True)
