@@ -1,0 +1,112 @@
+"""Serving enriched state with real workers: ``GET /enrichments/{key}`` from two workers, in both
+store modes, before and after one of them stops and its partitions move."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+
+from enricher.services import find_free_port
+
+from .harness import Stack
+
+pytestmark = pytest.mark.integration
+
+KEYS = [f"user{i}" for i in range(40)] + ["user 7/ü?&"]  # one key that needs percent-encoding
+PER_KEY = 3
+
+
+@dataclass
+class Timings:
+    """GET latencies (seconds) of one worker, by how the answer was served."""
+
+    local: list[float] = field(default_factory=list)
+    forwarded: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = []
+        for name, values in (("local", self.local), ("forwarded", self.forwarded)):
+            if values:
+                ordered = sorted(values)
+                p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+                median = statistics.median(ordered)
+                parts.append(f"{name} n={len(values)} median={median * 1e3:.2f}ms p99={p99 * 1e3:.2f}ms")
+        return ", ".join(parts)
+
+
+def page_view(key: str, seq: int) -> dict[str, Any]:
+    return {"type": "page_view", "user": key, "seq": seq, "client": {"ip": f"10.2.{seq}.{len(key)}"}}
+
+
+async def get_enrichment(
+    http: aiohttp.ClientSession, base: str, key: str, timings: Timings, *, timeout: float = 30.0
+) -> tuple[int, Any]:
+    """GET one key, retrying while the worker answers 503 (a rebalance); (status, JSON body)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        started = time.perf_counter()
+        async with http.get(f"{base}/enrichments/{quote(key, safe='')}") as response:
+            body = await response.json(content_type=None)
+            elapsed = time.perf_counter() - started
+            if response.status != 503:
+                forwarded = "X-Enricher-Forwarded-By" in response.headers
+                (timings.forwarded if forwarded else timings.local).append(elapsed)
+                return response.status, body
+        assert time.monotonic() < deadline, f"{base} still answers 503 for {key!r}: {body}"
+        await asyncio.sleep(0.2)
+
+
+async def check_every_key(
+    http: aiohttp.ClientSession, bases: Sequence[str], latest: dict[str, Any]
+) -> dict[str, Timings]:
+    timings = {base: Timings() for base in bases}
+    for base in bases:
+        for key in KEYS:
+            status, body = await get_enrichment(http, base, key, timings[base])
+            assert status == 200, f"{base} {key!r}: {status} {body}"
+            assert body == latest[key], f"{base} {key!r}: {body} != {latest[key]}"
+        status, body = await get_enrichment(http, base, "nobody", timings[base])
+        assert status == 404 and "error" in body
+    return timings
+
+
+@pytest.mark.parametrize("store", ["table", "redis"])
+async def test_both_workers_serve_the_latest_enrichment_also_after_one_stops(
+    stack: Stack, store: str
+) -> None:
+    config = stack.config()
+    config["serving"] = {"store": store}
+    path = stack.write_config(config)
+    ports = [find_free_port(), find_free_port()]
+    workers = [stack.start_worker(path, ["--web-port", str(port)]) for port in ports]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    await stack.wait_for_members(2)
+    events = [(key, page_view(key, seq)) for seq in range(PER_KEY) for key in KEYS]
+    await stack.produce(events)
+    got = await stack.collect(expected=len(events))
+    latest = {out["user"]: out for out in got.outputs if out["seq"] == PER_KEY - 1}
+    assert set(latest) == set(KEYS)
+
+    async with aiohttp.ClientSession() as http:
+        before = await check_every_key(http, bases, latest)
+        workers[0].stop()
+        await stack.wait_for_members(1)
+        after = await check_every_key(http, bases[1:], latest)
+    for label, timings in (("two workers", before), ("after one stopped", after)):
+        for base, timing in timings.items():
+            print(f"serving {store} {label} {base}: {timing.summary()}")
+    if store == "table":  # each worker owns half the partitions: half its answers are forwarded
+        assert all(t.forwarded and t.local for t in before.values())
+        assert not after[bases[1]].forwarded
+    else:
+        assert not any(t.forwarded for t in (*before.values(), *after.values()))
+    assert json.dumps(latest)  # the outputs are plain JSON
