@@ -4,7 +4,6 @@ store modes, before and after one of them stops and its partitions move."""
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -22,7 +21,6 @@ from .harness import Stack
 pytestmark = pytest.mark.integration
 
 KEYS = [f"user{i}" for i in range(40)] + ["user 7/ü?&"]  # one key that needs percent-encoding
-PER_KEY = 3
 
 
 @dataclass
@@ -39,12 +37,26 @@ class Timings:
                 ordered = sorted(values)
                 p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
                 median = statistics.median(ordered)
-                parts.append(f"{name} n={len(values)} median={median * 1e3:.2f}ms p99={p99 * 1e3:.2f}ms")
+                parts.append(
+                    f"{name} n={len(values)} median={median * 1e3:.2f}ms p99={p99 * 1e3:.2f}ms"
+                )
         return ", ".join(parts)
 
 
 def page_view(key: str, seq: int) -> dict[str, Any]:
-    return {"type": "page_view", "user": key, "seq": seq, "client": {"ip": f"10.2.{seq}.{len(key)}"}}
+    return {
+        "type": "page_view",
+        "user": key,
+        "seq": seq,
+        "client": {"ip": f"10.2.{seq}.{len(key)}"},
+    }
+
+
+def last_outputs(outputs: list[dict[str, Any]], *, seq: int) -> dict[str, Any]:
+    """The output of each key's event ``seq`` (its last one)."""
+    latest = {out["user"]: out for out in outputs if out["seq"] == seq}
+    assert set(latest) == set(KEYS)
+    return latest
 
 
 async def get_enrichment(
@@ -83,30 +95,33 @@ async def check_every_key(
 async def test_both_workers_serve_the_latest_enrichment_also_after_one_stops(
     stack: Stack, store: str
 ) -> None:
+    """Worker 0 enriches two rounds alone; worker 1 joins (in table mode it rebuilds its
+    partitions from the changelog); a third round goes through both. Every key then answers
+    its last output from either worker, and from the survivor once worker 0 has stopped."""
     config = stack.config()
     config["serving"] = {"store": store}
     path = stack.write_config(config)
     ports = [find_free_port(), find_free_port()]
-    workers = [stack.start_worker(path, ["--web-port", str(port)]) for port in ports]
     bases = [f"http://127.0.0.1:{port}" for port in ports]
+    first = stack.start_worker(path, ["--web-port", str(ports[0])])
+    await stack.produce([(key, page_view(key, seq)) for seq in range(2) for key in KEYS])
+    got = await stack.collect(expected=2 * len(KEYS))
+    stack.start_worker(path, ["--web-port", str(ports[1])])
     await stack.wait_for_members(2)
-    events = [(key, page_view(key, seq)) for seq in range(PER_KEY) for key in KEYS]
-    await stack.produce(events)
-    got = await stack.collect(expected=len(events))
-    latest = {out["user"]: out for out in got.outputs if out["seq"] == PER_KEY - 1}
-    assert set(latest) == set(KEYS)
-
     async with aiohttp.ClientSession() as http:
+        await check_every_key(http, bases, last_outputs(got.outputs, seq=1))  # as rebuilt
+        await stack.produce([(key, page_view(key, 2)) for key in KEYS])
+        got = await stack.collect(expected=3 * len(KEYS))
+        latest = last_outputs(got.outputs, seq=2)
         before = await check_every_key(http, bases, latest)
-        workers[0].stop()
+        first.stop()
         await stack.wait_for_members(1)
         after = await check_every_key(http, bases[1:], latest)
     for label, timings in (("two workers", before), ("after one stopped", after)):
         for base, timing in timings.items():
             print(f"serving {store} {label} {base}: {timing.summary()}")
-    if store == "table":  # each worker owns half the partitions: half its answers are forwarded
+    if store == "table":  # each worker owns some partitions: the others' keys are forwarded
         assert all(t.forwarded and t.local for t in before.values())
         assert not after[bases[1]].forwarded
     else:
         assert not any(t.forwarded for t in (*before.values(), *after.values()))
-    assert json.dumps(latest)  # the outputs are plain JSON
