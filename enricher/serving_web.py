@@ -28,11 +28,12 @@ from yarl import URL
 
 from .config import Config
 from .errors import ServiceUnavailable
+from .kafka import kafka_bootstrap
 from .pipeline import Sink
 from .runtime import connect_redis
 from .serving import EnrichmentStore, Served, ServingSink
 from .serving_redis import RedisEnrichments
-from .serving_table import TableEnrichments, create_table
+from .serving_table import ChangelogTail, TableEnrichments, create_table
 
 __all__ = ["FORWARDED_HEADER", "Serving", "install_serving"]
 
@@ -66,9 +67,10 @@ class Serving:
 class TableRouter:
     """Which worker owns a key's table partition, from Faust's assignment."""
 
-    def __init__(self, app: Any, table: Any) -> None:
+    def __init__(self, app: Any, table: Any, tail: ChangelogTail) -> None:
         self._app = app
         self._table = table
+        self._tail = tail
 
     def owner(self, key: bytes) -> URL | None:
         """The owner's canonical URL; None while no owner is known (rebalancing)."""
@@ -83,7 +85,7 @@ class TableRouter:
 
     def ready(self) -> bool:
         """False while this worker rebalances or rebuilds its table from the changelog."""
-        return not (self._app.rebalancing or self._app.in_recovery)
+        return not (self._app.rebalancing or self._app.in_recovery) and self._tail.ready
 
 
 def install_serving(app: Any, config: Config, *, worker: str) -> Serving:
@@ -101,8 +103,16 @@ def install_serving(app: Any, config: Config, *, worker: str) -> Serving:
         )
     else:
         table = create_table(app, settings.table, partitions=config.kafka.partitions)
-        store = TableEnrichments(table, owns=_owns(app))
-        router = TableRouter(app, table)
+        table_store = store = TableEnrichments(table, owns=_owns(app))
+        tail = ChangelogTail(
+            app,
+            table,
+            table_store,
+            input_topic=config.topics.input,
+            bootstrap=kafka_bootstrap(config.kafka.broker),
+        )
+        table.on_recover(tail)
+        router = TableRouter(app, table, tail)
         if settings.advertised_host is not None:
             app.conf.canonical_url = URL.build(
                 scheme="http", host=settings.advertised_host, port=app.conf.web_port
