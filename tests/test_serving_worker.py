@@ -21,6 +21,7 @@ from .harness import Stack
 pytestmark = pytest.mark.integration
 
 KEYS = [f"user{i}" for i in range(40)] + ["user 7/ü?&"]  # one key that needs percent-encoding
+CLICKS = 8  # passthrough events per key before the enriched one
 
 
 @dataclass
@@ -41,6 +42,10 @@ class Timings:
                     f"{name} n={len(values)} median={median * 1e3:.2f}ms p99={p99 * 1e3:.2f}ms"
                 )
         return ", ".join(parts)
+
+
+def click(key: str, seq: int) -> dict[str, Any]:
+    return {"type": "click", "user": key, "seq": seq}
 
 
 def page_view(key: str, seq: int) -> dict[str, Any]:
@@ -78,11 +83,12 @@ async def get_enrichment(
 
 
 async def check_every_key(
-    http: aiohttp.ClientSession, bases: Sequence[str], latest: dict[str, Any]
+    http: aiohttp.ClientSession, bases: Sequence[str], latest: dict[str, Any], *, rounds: int = 1
 ) -> dict[str, Timings]:
+    """GET every key ``rounds`` times from each worker: always its latest output."""
     timings = {base: Timings() for base in bases}
     for base in bases:
-        for key in KEYS:
+        for key in KEYS * rounds:
             status, body = await get_enrichment(http, base, key, timings[base])
             assert status == 200, f"{base} {key!r}: {status} {body}"
             assert body == latest[key], f"{base} {key!r}: {body} != {latest[key]}"
@@ -104,19 +110,20 @@ async def test_both_workers_serve_the_latest_enrichment_also_after_one_stops(
     ports = [find_free_port(), find_free_port()]
     bases = [f"http://127.0.0.1:{port}" for port in ports]
     first = stack.start_worker(path, ["--web-port", str(ports[0])])
-    await stack.produce([(key, page_view(key, seq)) for seq in range(2) for key in KEYS])
-    got = await stack.collect(expected=2 * len(KEYS))
+    # many passthrough events first: long changelog partitions, written in multi-record batches
+    await stack.produce([(key, click(key, seq)) for seq in range(CLICKS) for key in KEYS])
+    got = await stack.collect(expected=CLICKS * len(KEYS))
     stack.start_worker(path, ["--web-port", str(ports[1])])
     await stack.wait_for_members(2)
     async with aiohttp.ClientSession() as http:
-        await check_every_key(http, bases, last_outputs(got.outputs, seq=1))  # as rebuilt
-        await stack.produce([(key, page_view(key, 2)) for key in KEYS])
-        got = await stack.collect(expected=3 * len(KEYS))
-        latest = last_outputs(got.outputs, seq=2)
-        before = await check_every_key(http, bases, latest)
+        await check_every_key(http, bases, last_outputs(got.outputs, seq=CLICKS - 1))  # rebuilt
+        await stack.produce([(key, page_view(key, CLICKS)) for key in KEYS])
+        got = await stack.collect(expected=(CLICKS + 1) * len(KEYS))
+        latest = last_outputs(got.outputs, seq=CLICKS)
+        before = await check_every_key(http, bases, latest, rounds=3)
         first.stop()
         await stack.wait_for_members(1)
-        after = await check_every_key(http, bases[1:], latest)
+        after = await check_every_key(http, bases[1:], latest, rounds=3)
     for label, timings in (("two workers", before), ("after one stopped", after)):
         for base, timing in timings.items():
             print(f"serving {store} {label} {base}: {timing.summary()}")
