@@ -143,11 +143,26 @@ class ChangelogTail:
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
+        self._check_partitions()
         try:
             async with asyncio.timeout(self._limit):
                 await self._read(self._starts())
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("serving table: reading the changelog tail failed: %r", exc)
+
+    def _check_partitions(self) -> None:
+        """Entries go to their input's partition number: the counts must match (as Faust
+        itself checks for tables written from a stream)."""
+        found = self._app.consumer.topic_partitions(self._input_topic)
+        if found is not None and found != self._table.partitions:
+            log.error(
+                "serving table: input topic %s has %d partitions, the table %d: requests are "
+                "routed to the wrong worker; set kafka.partitions to %d",
+                self._input_topic,
+                found,
+                self._table.partitions,
+                found,
+            )
 
     def _starts(self) -> dict[TopicPartition, int]:
         """Owned changelog partitions and the offset Faust read up to (0 when unknown)."""
