@@ -88,11 +88,13 @@ class TableEnrichments:
         return Served.decode(raw) if isinstance(raw, bytes) else None
 
     def apply(self, key: bytes | None, raw: bytes | None) -> bool:
-        """Apply one changelog record to the local copy (if newer); True when it was."""
+        """Apply one changelog record to the local copy if newer; True when that changed it."""
         served = Served.decode(raw) if key is not None and raw else None
         if served is None or key is None:
             return False
         current = self._table.data.get(key)
+        if current == raw:
+            return False
         if not replaces(served, Served.decode(current) if isinstance(current, bytes) else None):
             return False
         self._table.data[key] = raw

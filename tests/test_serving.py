@@ -6,18 +6,21 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from faust.types import TP
 
 from enricher.config import config_from_dict, parse_config, render_effective
 from enricher.errors import ConfigError, ServiceUnavailable
 from enricher.records import OutputRecord
-from enricher.services import EmbeddedRedis, find_free_port
+from enricher.services import EmbeddedKafka, EmbeddedRedis, find_free_port
 from enricher.serving import EnrichmentStore, MemoryEnrichments, Served, ServingSink, replaces
 from enricher.serving_redis import RedisEnrichments, served_key
-from enricher.serving_table import TableEnrichments
+from enricher.serving_table import ChangelogTail, TableEnrichments
 
 
 def served(offset: int, value: bytes = b"{}", *, partition: int = 1) -> Served:
@@ -25,12 +28,15 @@ def served(offset: int, value: bytes = b"{}", *, partition: int = 1) -> Served:
 
 
 class FakeTable:
-    """The two things :class:`TableEnrichments` uses of a Faust table: its local data and
-    ``send_changelog``, which here records (partition, key, value) and is acknowledged at once."""
+    """What the serving classes use of a Faust table: its local data, its changelog topic's name
+    and partitions, and ``send_changelog``, which here records (partition, key, value) and is
+    acknowledged at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, changelog_topic: str = "changelog", partitions: int = 4) -> None:
         self.data: dict[bytes, bytes] = {}
         self.changelog: list[tuple[int, bytes, bytes]] = []
+        self.changelog_topic = SimpleNamespace(get_topic_name=lambda: changelog_topic)
+        self.partitions = partitions
 
     def send_changelog(self, partition: int, key: bytes, value: bytes) -> asyncio.Future[None]:
         self.changelog.append((partition, key, value))
@@ -126,6 +132,40 @@ async def test_the_table_writes_the_changelog_to_the_inputs_partition_if_it_owns
     assert await store.get(b"j") is None and store.not_owned == 1
     await store.put(b"k", served(1, b"{}", partition=2))  # older: no changelog record either
     assert len(table.changelog) == 1
+
+
+async def test_the_tail_applies_what_recovery_stopped_short_of(kafka: EmbeddedKafka) -> None:
+    """Faust read changelog partition 1 up to offset 3 (a broker under-reporting its end):
+    the tail reads on from there, only in the partitions this worker owns."""
+    topic = f"changelog-{uuid.uuid4().hex[:8]}"
+    bootstrap = kafka.url.split("://", 1)[-1]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for offset in range(6):  # offsets 0..5 in partition 1: key k at input offsets 0..5
+            await producer.send_and_wait(topic, served(offset).encode(), key=b"k", partition=1)
+        await producer.send_and_wait(topic, served(9).encode(), key=b"other", partition=2)
+    finally:
+        await producer.stop()
+    table = FakeTable(topic)
+    store = TableEnrichments(table, owns=lambda topic, partition: True)
+    store.apply(b"k", served(3).encode())  # what recovery left: offset 3
+    app = SimpleNamespace(
+        consumer=SimpleNamespace(
+            assignment=lambda: {TP("events", 1), TP(topic, 1)}, topic_partitions=lambda t: 4
+        ),
+        tables=SimpleNamespace(recovery=SimpleNamespace(active_highwaters={TP(topic, 1): 3})),
+    )
+    tail = ChangelogTail(app, table, store, input_topic="events", bootstrap=[bootstrap])
+    await tail()
+    assert not tail.ready
+    async with asyncio.timeout(15):
+        while not tail.ready:  # noqa: ASYNC110 - the tail reads in a task of its own
+            await asyncio.sleep(0.05)
+    assert await store.get(b"k") == served(5)
+    assert await store.get(b"other") is None  # partition 2 is not ours
+    assert tail.applied == 2  # offsets 4 and 5 (3 was there already)
+    assert table.changelog == []  # applied locally, never written back
 
 
 # --- the sink ------------------------------------------------------------------------------
