@@ -108,6 +108,25 @@ async def test_redis_entries_expire_and_are_namespaced(redis_service: EmbeddedRe
         await store.close()
 
 
+async def test_redis_stores_of_concurrent_events_share_round_trips(
+    redis_service: EmbeddedRedis,
+) -> None:
+    client = aioredis.Redis.from_url(redis_service.url, socket_timeout=2)
+    app_id = f"t{uuid.uuid4().hex[:8]}"
+    store = RedisEnrichments(client, app_id=app_id, ttl=30)
+    try:
+        await client.script_flush()  # the script is loaded again on its first NOSCRIPT
+        before = (await client.info("stats"))["total_reads_processed"]
+        keys = [f"k{i}".encode() for i in range(50)]
+        await asyncio.gather(*(store.put(key, served(i)) for i, key in enumerate(keys)))
+        reads = (await client.info("stats"))["total_reads_processed"] - before
+        assert [await store.get(key) for key in keys] == [served(i) for i in range(50)]
+        assert reads < 10  # a few pipelines (one NOSCRIPT, the load, the retry), not 50 calls
+    finally:
+        await client.delete(*(served_key(app_id, key) for key in keys))
+        await store.close()
+
+
 async def test_an_unreachable_redis_is_service_unavailable() -> None:
     client = aioredis.Redis.from_url(
         f"redis://127.0.0.1:{find_free_port()}/0", socket_connect_timeout=0.5
