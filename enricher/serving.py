@@ -115,7 +115,8 @@ class ServingSink:
     """A :class:`~enricher.pipeline.Sink` that stores each acknowledged output in ``store``.
 
     A store failure never fails the event (the output is written; serving is secondary): it is
-    logged and counted in ``failures``, and the key's next output repairs it.
+    counted in ``failures`` and logged (the first, then every 1000th), and the key's next output
+    repairs it.
     """
 
     def __init__(self, inner: Sink, store: EnrichmentStore, *, output_topic: str) -> None:
@@ -134,11 +135,17 @@ class ServingSink:
         try:
             await self._store.put(record.key, served)
         except ServiceUnavailable as exc:
-            self.failures += 1
-            if self.failures == 1 or self.failures % 1000 == 0:
-                log.warning(
-                    "serving: could not store %s (%d failures): %s",
-                    served.source,
-                    self.failures,
-                    exc,
-                )
+            self._failed(served, exc)
+        except Exception as exc:  # a bug here must not hold the event: serving is secondary
+            log.exception("serving: unexpected error storing %s", served.source)
+            self._failed(served, exc)
+
+    def _failed(self, served: Served, exc: Exception) -> None:
+        self.failures += 1
+        if self.failures == 1 or self.failures % 1000 == 0:
+            log.warning(
+                "serving: could not store %s (%d failures so far): %s",
+                served.source,
+                self.failures,
+                exc,
+            )

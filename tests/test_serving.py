@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from faust.types import TP
 
+from enricher.app import create_app
 from enricher.config import config_from_dict, parse_config, render_effective
 from enricher.errors import ConfigError, ServiceUnavailable
 from enricher.records import OutputRecord
@@ -233,6 +234,19 @@ async def test_a_store_failure_never_fails_the_event() -> None:
     sink = ServingSink(inner, DownStore(), output_topic="out")
     await sink.write(record("out", b"k", 3))
     assert len(inner.written) == 1 and sink.failures == 1
+
+
+def test_the_app_registers_the_table_and_its_canonical_url() -> None:
+    data: dict[str, Any] = {
+        "worker": {"web_host": "0.0.0.0"},
+        "serving": {"store": "table", "advertised_host": "w1.internal"},
+    }
+    app = create_app(config_from_dict(data), web_port=7001)
+    assert list(app.faust.tables) == ["enrichments"]
+    table = app.faust.tables["enrichments"]
+    assert table.changelog_topic.get_topic_name() == "enricher-enrichments-changelog"
+    assert str(app.faust.conf.canonical_url) == "http://w1.internal:7001"
+    assert list(create_app(config_from_dict({}), web_port=7001).faust.tables) == []
 
 
 # --- config --------------------------------------------------------------------------------
