@@ -102,30 +102,27 @@ def install_serving(app: Any, config: Config, *, worker: str) -> Serving:
             connect_redis(config), app_id=config.app_id, ttl=settings.redis_ttl
         )
     else:
-        table = create_table(app, settings.table, partitions=config.kafka.partitions)
-        table_store = store = TableEnrichments(table, owns=_owns(app))
-        tail = ChangelogTail(
-            app,
-            table,
-            table_store,
-            input_topic=config.topics.input,
-            bootstrap=kafka_bootstrap(config.kafka.broker),
-        )
-        table.on_recover(tail)
-        router = TableRouter(app, table, tail)
-        if settings.advertised_host is not None:
-            app.conf.canonical_url = URL.build(
-                scheme="http", host=settings.advertised_host, port=app.conf.web_port
-            )
+        store, router = _table_mode(app, config)
     _install_view(app, store, router, worker=worker)
     return Serving(config, store)
 
 
-def _owns(app: Any) -> Any:
+def _table_mode(app: Any, config: Config) -> tuple[TableEnrichments, TableRouter]:
+    """The table, its store, the changelog tail reader after each recovery, and the router."""
+    table = create_table(app, config.serving.table, partitions=config.kafka.partitions)
+
     def owns(topic: str, partition: int) -> bool:
         return TP(topic, partition) in app.consumer.assignment()
 
-    return owns
+    store = TableEnrichments(table, owns=owns)
+    bootstrap = kafka_bootstrap(config.kafka.broker)
+    tail = ChangelogTail(app, table, store, input_topic=config.topics.input, bootstrap=bootstrap)
+    table.on_recover(tail)
+    if config.serving.advertised_host is not None:
+        app.conf.canonical_url = URL.build(
+            scheme="http", host=config.serving.advertised_host, port=app.conf.web_port
+        )
+    return store, TableRouter(app, table, tail)
 
 
 def _install_view(
