@@ -27,6 +27,7 @@ from .monitor import WorkerMonitor
 from .pipeline import OutputTooLarge, Pipeline, SinkUnavailable
 from .records import ORIGIN_HEADER, REPLAY_HEADER, InputRecord, OutputRecord, parse_origin
 from .runtime import Runtime
+from .serving_web import install_serving
 from .web import install_views
 
 __all__ = ["EnricherApp", "create_app", "faust_settings"]
@@ -117,6 +118,7 @@ class EnricherApp:
             config, web_port=web_port, partitions=FaustPartitions(self.faust)
         )
         install_views(self.faust, self.monitor)
+        self.serving = install_serving(self.faust, config, worker=self.monitor.worker)
         self._heartbeat: Heartbeat | None = None
         self._runtime: Runtime[AckToken] | None = None
         self._ready = asyncio.Event()
@@ -149,7 +151,9 @@ class EnricherApp:
     async def _start_runtime(self) -> None:
         for topic in self.output_topics:
             await topic.maybe_declare()
-        self._runtime = Runtime(self.config, sink=FaustSink(self.faust), release=_ack)
+        self._runtime = Runtime(
+            self.config, sink=self.serving.wrap(FaustSink(self.faust)), release=_ack
+        )
         self.monitor.attach(self._runtime)
         self._heartbeat = Heartbeat(self.monitor, self._runtime.redis)
         self._heartbeat.start()
@@ -214,6 +218,7 @@ class EnricherApp:
         if self._heartbeat is not None:
             await self._heartbeat.close()
         await runtime.disconnect()
+        await self.serving.close()
 
 
 async def _feed(

@@ -51,6 +51,7 @@ __all__ = [
     "RedisSettings",
     "RetrySettings",
     "Rule",
+    "ServingSettings",
     "TopicSettings",
     "WorkerSettings",
     "config_from_dict",
@@ -290,6 +291,25 @@ class WorkerSettings(BaseModel):
     max_event_bytes: Size = 1_048_576
 
 
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+class ServingSettings(BaseModel):
+    """Serving the latest enrichment per key (``GET /enrichments/{key}``, :mod:`enricher.serving`).
+
+    ``store``: ``off`` (nothing stored, no endpoint), ``table`` (a Faust table partitioned like the
+    input, changelog topic ``<app_id>-<table>-changelog``, requests forwarded to the key's owner)
+    or ``redis`` (``redis.url``, entries expire ``redis_ttl`` after their last update).
+    ``advertised_host``: how other workers reach this one's web port in table mode (default
+    ``worker.web_host``; required when that is a wildcard address)."""
+
+    model_config = _MODEL
+    store: Literal["off", "table", "redis"] = "off"
+    table: Name = "enrichments"
+    redis_ttl: PositiveDuration = 7 * 86400.0
+    advertised_host: Text | None = None
+
+
 class RetrySettings(BaseModel):
     """Retries of one API call; ``backoff: 100ms..10s`` in YAML sets backoff_min and backoff_max."""
 
@@ -472,6 +492,7 @@ class Config(BaseModel):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     apis: dict[str, ApiSettings] = Field(default_factory=dict)
     enrichments: tuple[Rule, ...] = ()
     unmatched: Literal["passthrough", "drop", "dead_letter"] = "passthrough"
@@ -481,7 +502,16 @@ class Config(BaseModel):
     @classmethod
     def _empty_sections(cls, data: Any) -> Any:
         """A section left empty in YAML (``apis:``, every entry commented out) is its default."""
-        sections = ("kafka", "redis", "topics", "worker", "apis", "enrichments", "ingest")
+        sections = (
+            "kafka",
+            "redis",
+            "topics",
+            "worker",
+            "serving",
+            "apis",
+            "enrichments",
+            "ingest",
+        )
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if not (k in sections and v is None)}
         return data
@@ -543,6 +573,17 @@ class Config(BaseModel):
                     f"ingest.routes.{name}.topic",
                     f"{route.topic!r} is a topic the workers write; route events to an input topic",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _reachable_for_forwarding(self) -> Config:
+        serving, host = self.serving, self.worker.web_host
+        if serving.store == "table" and serving.advertised_host is None and host in _WILDCARD_HOSTS:
+            raise _Invalid(
+                "serving.advertised_host",
+                f"required with serving.store: table and worker.web_host {host!r} "
+                "(other workers forward requests to it)",
+            )
         return self
 
 
@@ -768,6 +809,10 @@ def _effective(config: Config) -> dict[str, Any]:
         "worker": {
             **worker.model_dump(),
             "max_event_bytes": units.format_size(worker.max_event_bytes),
+        },
+        "serving": {
+            **config.serving.model_dump(),
+            "redis_ttl": units.format_duration(config.serving.redis_ttl),
         },
         "apis": {name: _effective_api(api) for name, api in config.apis.items()},
         "enrichments": [_effective_rule(rule) for rule in config.enrichments],
