@@ -10,6 +10,7 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -75,8 +76,12 @@ async def measure_overhead(stack: BenchStack, run: Run, options: Options) -> Mea
         )
         forward = events_per_second(side.tail.live_times)
     say(f"  forward: {forward:,.0f} events/s; the recipe...")
-    times = await _recipe_alone(stack, options, n, stack.sandbox_url, FAST_RATE)
-    recipe = events_per_second(times)
+    recipe_run = await _recipe_alone(stack, options, n, stack.sandbox_url, FAST_RATE)
+    recipe = events_per_second(recipe_run.times)
+    measured.figures |= {
+        "recipe_cpu_ms_per_event": recipe_run.cpu_ms_per_event,
+        "recipe_api_calls_per_event": ratio(recipe_run.api_calls, len(recipe_run.times)),
+    }
     measured.figures |= {
         "enricher_events_per_s": enricher,
         "client_requests_per_s": client,
@@ -88,23 +93,42 @@ async def measure_overhead(stack: BenchStack, run: Run, options: Options) -> Mea
     }
     measured.extra |= {
         "enricher_span_s": span_seconds(run.tail.live_times),
-        "recipe_events_measured": len(times),
+        "recipe_events_measured": len(recipe_run.times),
     }
     return measured
 
 
+@dataclass(frozen=True, slots=True)
+class RecipeRun:
+    """What one recipe process did: its outputs' broker timestamps (ms), the API calls the
+    sandbox saw meanwhile, and its CPU ms per event (first output to last)."""
+
+    times: list[int]
+    api_calls: int
+    cpu_ms_per_event: float
+
+
 async def _recipe_alone(
     stack: BenchStack, options: Options, n: int, api_url: str, rate: float
-) -> list[int]:
+) -> RecipeRun:
     """One recipe process on ``n`` pre-produced events, measured until done or for
-    ``recipe_budget`` seconds: its outputs' broker timestamps (ms)."""
+    ``recipe_budget`` seconds."""
     async with side_run(stack, "recipe") as side:
         await side.produce(n)
+        calls0 = await stack.sandbox_calls(api_url)
         side.start_app(
             "bench.recipe", api_url=api_url, rate=rate, concurrency=options.recipe_concurrency
         )
+        await side.wait_first_live(timeout=60)
+        cpu0, seen0 = side.worker_cpu_seconds(), len(side.tail.live_times)
         await side.wait_live_or(n, budget=options.recipe_budget, timeout=60)
-        return list(side.tail.live_times)
+        cpu1, seen1 = side.worker_cpu_seconds(), len(side.tail.live_times)
+        calls = await stack.sandbox_calls(api_url) - calls0
+        times = list(side.tail.live_times)
+    cpu_ms = math.nan
+    if cpu0 is not None and cpu1 is not None and seen1 > seen0:
+        cpu_ms = (cpu1 - cpu0) * 1000 / (seen1 - seen0)
+    return RecipeRun(times, calls, cpu_ms)
 
 
 async def measure_latency_bound(stack: BenchStack, run: Run, options: Options) -> Measured:
@@ -128,9 +152,9 @@ async def measure_latency_bound(stack: BenchStack, run: Run, options: Options) -
     enricher = steady_rate(run.tail.live_times, STEADY_SKIP)
     await run.stop()
     say(f"  enricher: {enricher:,.1f} events/s of {rate:g}/s; the recipe...")
-    times = await _recipe_alone(stack, options, n, stack.slow_url, rate)
-    recipe = steady_rate(times, STEADY_SKIP)
-    measured.extra["recipe_events_measured"] = len(times)
+    recipe_run = await _recipe_alone(stack, options, n, stack.slow_url, rate)
+    recipe = steady_rate(recipe_run.times, STEADY_SKIP)
+    measured.extra["recipe_events_measured"] = len(recipe_run.times)
     measured.figures |= {
         "enricher_events_per_s": enricher,
         "enricher_to_limit": ratio(enricher, rate),

@@ -150,6 +150,14 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
         Figure("enricher_to_client", "enricher / bare client", 3, note=lambda o: "goal >= 0.6"),
         Figure("enricher_cpu_ms_per_event", "enricher CPU ms / event", 3, note=_cpu),
         Figure("forward_cpu_ms_per_event", "forwarding agent CPU ms / event", 3, note=_cpu),
+        Figure("recipe_cpu_ms_per_event", "recipe CPU ms / event", 3, note=_cpu),
+        Figure(
+            "recipe_api_calls_per_event",
+            "recipe API calls / output",
+            2,
+            note=lambda o: "expect 1 (a check)",
+            expect=lambda v, o: abs(v - 1) < 0.01,
+        ),
     ),
     "latency-bound": (
         Figure(

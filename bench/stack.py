@@ -190,8 +190,9 @@ class BenchStack:
         async with self.http.post(f"{url or self.sandbox_url}/stats/reset") as response:
             response.raise_for_status()
 
-    async def sandbox_calls(self) -> int:
-        return int((await self.sandbox_stats())["calls"])
+    async def sandbox_calls(self, url: str | None = None) -> int:
+        """Calls the sandbox at ``url`` (default: the zero-latency one) has seen so far."""
+        return int((await self.sandbox_stats(url))["calls"])
 
     async def redis_mark(self) -> RedisMark:
         """Start counting Redis work (see :class:`RedisCounts`)."""
