@@ -127,10 +127,10 @@ SCENARIOS = (
         "overhead",
         measure_overhead,
         lambda o: (
-            f"{o.events} pre-produced events per side, zero-latency API, limit {FAST_RATE:g}/s; "
-            f"enricher (in_flight {o.in_flight}, concurrency {o.concurrency}), bare aiohttp client "
-            f"({o.concurrency} concurrent), forwarding-only agent, recipe "
-            f"(agent concurrency {o.recipe_concurrency})"
+            f"zero-latency API, limit {FAST_RATE:g}/s; {2 * o.events} events through enricher "
+            f"(in_flight {o.in_flight}, concurrency {o.concurrency}) and the recipe (agent "
+            f"concurrency {o.recipe_concurrency}), {5 * o.events} through a bare aiohttp client "
+            f"({o.concurrency} concurrent) and the forwarding-only agent"
         ),
     ),
     Scenario(
