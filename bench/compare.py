@@ -15,8 +15,16 @@ from dataclasses import dataclass
 import aiohttp
 
 from .options import FAST_RATE, Measured, Options
-from .stack import SLOW_LATENCY, BenchStack, Run, events_per_second, page_view, say, span_seconds
-from .stats import bucket_excess, full_second_utilisation, per_second_counts, ratio, steady_rate
+from .stack import SLOW_LATENCY, BenchStack, Run, page_view, say
+from .stats import (
+    bucket_excess,
+    events_per_second,
+    full_second_utilisation,
+    per_second_counts,
+    ratio,
+    span_seconds,
+    steady_rate,
+)
 
 __all__ = [
     "bare_client",
@@ -215,15 +223,17 @@ async def _limited(stack: BenchStack, run: Run, side: str, options: Options) -> 
 
 async def measure_footprint(stack: BenchStack, run: Run, options: Options) -> Measured:
     """One worker at ``in_flight`` ``footprint_in_flight``, cache off, one API, a limit that
-    never binds: Redis round trips and commands per event (start-up included), peak RSS."""
+    never binds: Redis round trips and commands per event (from once the worker has joined:
+    start-up left out, its periodic work in), peak RSS."""
     measured, n = Measured(), options.events
     run.write_config(
         options.footprint_in_flight, options.concurrency, rate=f"{FAST_RATE:g}/s", cache_ttl="0"
     )
     await run.start()
-    await run.produce(n)
-    mark = await stack.redis_mark()
     run.start_worker()
+    await run.wait_for_members(1)
+    mark = await stack.redis_mark()  # after the worker's start-up: only the events' work counts
+    await run.produce(n)
     await run.wait_live(n, timeout=60 + n / 50)
     redis = await stack.redis_since(mark)
     round_trips, commands = redis.per_event(n)

@@ -15,7 +15,8 @@ from enricher.quota import reset_overrides, set_overrides
 
 from .compare import measure_footprint, measure_latency_bound, measure_overhead, measure_precision
 from .options import FAST_RATE, Measured, Options
-from .stack import SLOW_LATENCY, BenchStack, Run, events_per_second, say, span_seconds
+from .stack import SLOW_LATENCY, BenchStack, Run, say
+from .stats import events_per_second, span_seconds
 
 __all__ = ["FAST_RATE", "SCENARIOS", "Measured", "Options", "Scenario"]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from enricher.services import (
 )
 
 from .faustapp import AppEnv
+from .proc import cpu_seconds, peak_rss_mb, rss_mb
 
 __all__ = [
     "PARTITIONS",
@@ -83,37 +83,6 @@ def _spawn(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[by
 async def stop_process(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT) -> None:
     """SIGTERM the process group, SIGKILL it after ``timeout``; reap it."""
     await stop_child(proc, timeout)
-
-
-def rss_mb(pid: int) -> float | None:
-    """VmRSS of ``pid`` in MB (from /proc; None where there is no /proc or it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """VmHWM (the peak resident set) of ``pid`` in MB (None where unavailable)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of ``pid`` so far (from /proc; None where unavailable)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 class BenchStack:
@@ -262,18 +231,6 @@ class Tail:
                 self.replay_times[headers[REPLAY_HEADER].decode()].append(record.timestamp)
             else:
                 self.live_times.append(record.timestamp)
-
-
-def events_per_second(times: list[int]) -> float:
-    """(n - 1) / (last - first), from broker timestamps in ms: the rate between the two."""
-    if len(times) < 2:
-        return float("nan")
-    span = (max(times) - min(times)) / 1000
-    return (len(times) - 1) / span if span > 0 else float("inf")
-
-
-def span_seconds(times: list[int]) -> float:
-    return (max(times) - min(times)) / 1000 if times else 0.0
 
 
 class Run:

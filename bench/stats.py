@@ -9,9 +9,11 @@ from typing import Any
 
 __all__ = [
     "bucket_excess",
+    "events_per_second",
     "full_second_utilisation",
     "per_second_counts",
     "ratio",
+    "span_seconds",
     "steady_rate",
 ]
 
@@ -75,3 +77,16 @@ def ratio(numerator: float, denominator: float) -> float:
     if math.isnan(numerator) or math.isnan(denominator) or denominator == 0:
         return math.nan
     return numerator / denominator
+
+
+def events_per_second(times: list[int]) -> float:
+    """(n - 1) / (last - first), from broker timestamps in ms: the rate between the two."""
+    if len(times) < 2:
+        return float("nan")
+    span = (max(times) - min(times)) / 1000
+    return (len(times) - 1) / span if span > 0 else float("inf")
+
+
+def span_seconds(times: list[int]) -> float:
+    """Seconds from the first timestamp (ms) to the last; 0 with none."""
+    return (max(times) - min(times)) / 1000 if times else 0.0

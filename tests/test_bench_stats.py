@@ -8,9 +8,11 @@ import pytest
 
 from bench.stats import (
     bucket_excess,
+    events_per_second,
     full_second_utilisation,
     per_second_counts,
     ratio,
+    span_seconds,
     steady_rate,
 )
 
@@ -66,3 +68,11 @@ def test_ratio_is_nan_without_a_denominator() -> None:
     assert ratio(3.0, 2.0) == 1.5
     assert math.isnan(ratio(1.0, 0.0))
     assert math.isnan(ratio(math.nan, 2.0))
+
+
+def test_events_per_second_from_first_to_last_timestamp() -> None:
+    assert events_per_second([2000, 1000, 1500]) == pytest.approx(2.0)  # 2 gaps over 1 s
+    assert math.isnan(events_per_second([1000]))
+    assert math.isinf(events_per_second([1000, 1000]))
+    assert span_seconds([3000, 1000]) == 2.0
+    assert span_seconds([]) == 0.0
