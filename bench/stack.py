@@ -234,7 +234,7 @@ class Tail:
 
 
 class Run:
-    """One measurement's topics, consumer group, config, worker and output tail."""
+    """One measurement's topics, consumer group, config, processes and output tail."""
 
     def __init__(self, stack: BenchStack, name: str) -> None:
         self.stack = stack
