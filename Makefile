@@ -25,12 +25,12 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check enricher tests
-	$(BIN)/ruff format --check enricher tests
+	$(BIN)/ruff check enricher tests bench
+	$(BIN)/ruff format --check enricher tests bench
 
 format: $(STAMP)
-	$(BIN)/ruff format enricher tests
-	$(BIN)/ruff check --fix enricher tests
+	$(BIN)/ruff format enricher tests bench
+	$(BIN)/ruff check --fix enricher tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

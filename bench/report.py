@@ -13,9 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .scenarios import FAST_RATE, Options
+from .options import Options
+from .stack import SLOW_LATENCY
 
-__all__ = ["FIGURES", "Figure", "machine", "summarize", "table", "write_json"]
+__all__ = [
+    "FIGURES",
+    "GOALS",
+    "Figure",
+    "Goal",
+    "goal_lines",
+    "goal_results",
+    "machine",
+    "render",
+    "summarize",
+    "table",
+    "write_json",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +46,46 @@ def _trips(options: Options) -> str:
 
 def _commands(options: Options) -> str:
     return "Lua's included"
+
+
+def _ceiling(options: Options) -> str:
+    return "ceiling, one await topic.send() per event"
+
+
+def _cpu(options: Options) -> str:
+    return "user+sys, first output to last"
+
+
+def _limited(side: str, kind: str) -> tuple[Figure, ...]:
+    """The precision figures of one side (``enricher`` or ``recipe``)."""
+
+    def busiest(o: Options) -> str:
+        return (
+            f"{o.precision_workers} {kind}, limit {o.precision_rate:g}/s burst {o.precision_rate:g}"
+        )
+
+    return (
+        Figure(f"{side}_max_calls_in_a_second", f"{side}: most calls in a second", note=busiest),
+        Figure(f"{side}_violations", f"{side}: seconds over the bucket", note=_violations),
+        Figure(f"{side}_excess_calls", f"{side}: calls over the bucket"),
+        Figure(
+            f"{side}_utilisation",
+            f"{side}: utilisation",
+            3,
+            note=lambda o: "calls/s in whole seconds / limit",
+        ),
+        Figure(
+            f"{side}_calls", f"{side}: API calls", note=lambda o: f"{o.precision_events} events"
+        ),
+    )
+
+
+def _events(options: Options) -> str:
+    return f"{options.precision_events} events"
+
+
+def _violations(options: Options) -> str:
+    return "goal 0 (bucket of rate and burst, by whole seconds)"
 
 
 FIGURES: dict[str, tuple[Figure, ...]] = {
@@ -75,33 +128,73 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
         Figure("replay_redis_commands_per_event", "Redis commands / event", 2, note=_commands),
         Figure("worker_rss_mb", "worker RSS MB (end)"),
     ),
-    "live-overhead": (
+    "overhead": (
         Figure(
-            "worker_events_per_s",
-            "worker events/s",
-            note=lambda o: f"limit {FAST_RATE:g}/s, in_flight {o.in_flight}",
+            "enricher_events_per_s",
+            "enricher events/s",
+            note=lambda o: f"in_flight {o.in_flight}, concurrency {o.concurrency}",
         ),
         Figure(
             "client_requests_per_s",
             "bare aiohttp client req/s",
             note=lambda o: f"ceiling, {o.concurrency} concurrent",
         ),
-        Figure("worker_to_client_ratio", "worker / client", 3, note=lambda o: "goal >= 0.6"),
-        Figure("worker_cpu_ms_per_event", "worker CPU ms / event", 3, note=lambda o: "user+sys"),
+        Figure("forward_events_per_s", "forwarding-only agent events/s", note=_ceiling),
         Figure(
-            "worker_cpu_share",
-            "worker CPU, share of one core",
-            2,
-            note=lambda o: "CPU ms/event x events/s",
+            "recipe_events_per_s",
+            "recipe events/s",
+            note=lambda o: f"agent concurrency {o.recipe_concurrency}",
         ),
+        Figure("enricher_to_recipe", "enricher / recipe", 2, note=lambda o: "goal >= 3"),
+        Figure("enricher_to_forward", "enricher / forwarding agent", 2, note=lambda o: "goal > 1"),
+        Figure("enricher_to_client", "enricher / bare client", 3, note=lambda o: "goal >= 0.6"),
+        Figure("enricher_cpu_ms_per_event", "enricher CPU ms / event", 3, note=_cpu),
+        Figure("forward_cpu_ms_per_event", "forwarding agent CPU ms / event", 3, note=_cpu),
+        Figure("recipe_cpu_ms_per_event", "recipe CPU ms / event", 3, note=_cpu),
+        Figure(
+            "recipe_api_calls_per_event",
+            "recipe API calls / output",
+            2,
+            note=lambda o: "expect 1 (a check)",
+            expect=lambda v, o: abs(v - 1) < 0.01,
+        ),
+    ),
+    "latency-bound": (
+        Figure(
+            "enricher_events_per_s",
+            "enricher events/s (1 worker)",
+            1,
+            note=lambda o: f"limit {o.slow_rate:g}/s, API {SLOW_LATENCY * 1000:g} ms",
+        ),
+        Figure("enricher_to_limit", "enricher / limit", 3, note=lambda o: "goal >= 0.98"),
+        Figure(
+            "recipe_events_per_s",
+            "recipe events/s (1 process)",
+            1,
+            note=lambda o: f"1/latency = {1 / SLOW_LATENCY:g}/s",
+        ),
+        Figure("recipe_to_limit", "recipe / limit", 3),
+        Figure("enricher_to_recipe", "enricher / recipe", 1),
+    ),
+    "precision": (
+        *_limited("enricher", "workers"),
+        *_limited("recipe", "processes"),
+    ),
+    "footprint": (
         Figure(
             "redis_round_trips_per_event",
             "Redis round trips / event",
             2,
-            note=lambda o: "goal <= 1.2",
+            note=lambda o: "goal <= 1.2 (INFO stats reads)",
         ),
         Figure("redis_commands_per_event", "Redis commands / event", 2, note=_commands),
+        Figure(
+            "worker_peak_rss_mb",
+            "worker peak RSS MB",
+            note=lambda o: f"goal < 200, in_flight {o.footprint_in_flight}",
+        ),
         Figure("worker_rss_mb", "worker RSS MB (end)"),
+        Figure("events_per_s", "events/s"),
     ),
 }
 
@@ -138,7 +231,7 @@ def table(results: dict[str, dict[str, Any]], options: Options) -> str:
         stats: dict[str, dict[str, Any]] = result.get("figures", {})
         if result.get("errors"):
             rows.append((scenario, "FAILED runs", str(len(result["errors"])), "", "", ""))
-        for figure in FIGURES[scenario]:
+        for figure in FIGURES.get(scenario, ()):
             if figure.key not in stats:
                 continue
             s = stats[figure.key]
@@ -159,6 +252,87 @@ def table(results: dict[str, dict[str, Any]], options: Options) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """One of the issue's goals: ``check`` on the ``stat`` (median, min or max) of a figure."""
+
+    scenario: str
+    key: str
+    text: str
+    check: Callable[[float], bool]
+    stat: str = "median"
+
+
+GOALS = (
+    Goal("overhead", "enricher_to_recipe", "overhead: enricher >= 3x the recipe", lambda v: v >= 3),
+    Goal(
+        "overhead",
+        "enricher_to_forward",
+        "overhead: enricher above the forwarding-only agent",
+        lambda v: v > 1,
+    ),
+    Goal(
+        "overhead",
+        "enricher_to_client",
+        "overhead: enricher >= 60% of the bare aiohttp client",
+        lambda v: v >= 0.6,
+    ),
+    Goal(
+        "latency-bound",
+        "enricher_to_limit",
+        "latency-bound: one worker >= 98% of the limit",
+        lambda v: v >= 0.98,
+    ),
+    Goal(
+        "precision",
+        "enricher_violations",
+        "precision: 0 violations (in every run)",
+        lambda v: v == 0,
+        stat="max",
+    ),
+    Goal("precision", "enricher_utilisation", "precision: utilisation >= 95%", lambda v: v >= 0.95),
+    Goal(
+        "footprint",
+        "redis_round_trips_per_event",
+        "footprint: <= 1.2 Redis round trips per event (cache off, one API)",
+        lambda v: v <= 1.2,
+    ),
+    Goal(
+        "footprint",
+        "worker_peak_rss_mb",
+        "footprint: worker RSS < 200 MB at in_flight 512 (peak, in every run)",
+        lambda v: v < 200,
+        stat="max",
+    ),
+)
+
+
+def goal_results(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each goal with the value checked and ``passed`` (None where the figure was not measured)."""
+    found = []
+    for goal in GOALS:
+        stats = results.get(goal.scenario, {}).get("figures", {}).get(goal.key)
+        value = stats[goal.stat] if stats else None
+        passed = None if value is None else bool(goal.check(value))
+        found.append({"goal": goal.text, "stat": goal.stat, "value": value, "passed": passed})
+    return found
+
+
+def goal_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per goal: PASS, FAIL or ``-`` (not measured), the goal and the value checked."""
+    lines = []
+    for found in goal_results(results):
+        mark = {True: "PASS", False: "FAIL", None: "-   "}[found["passed"]]
+        value = "" if found["value"] is None else f"  ({found['stat']} {found['value']:,.3g})"
+        lines.append(f"{mark}  {found['goal']}{value}")
+    return lines
+
+
+def render(results: dict[str, dict[str, Any]], options: Options) -> str:
+    """The table, then the goal lines."""
+    return "\n".join([table(results, options), "", "Goals (issue #7):", *goal_lines(results)])
 
 
 def machine() -> dict[str, Any]:

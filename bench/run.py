@@ -2,7 +2,9 @@
 print one table and write ``bench/results/latest.json``.
 
 Every figure is the median of ``--runs`` runs (each on its own topics, consumer group and Redis
-keys, with a fresh worker), shown with the min and max. ``--quick``: 300 events, one run.
+keys, with fresh processes), shown with the min and max, then the issue's goals with PASS or
+FAIL. ``--quick``: 300 events, one run, the recipe measured for 5 s at most. ``--only NAME``
+(repeatable) runs only those scenarios.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .report import machine, summarize, table, write_json
+from .report import goal_results, machine, render, summarize, write_json
 from .scenarios import SCENARIOS, Options, Scenario
 from .stack import BenchStack, say
 
@@ -33,13 +35,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     names = [s.name for s in SCENARIOS]
     parser.add_argument("--runs", type=int, help="runs per scenario (default 3)")
     parser.add_argument("--events", type=int, help="events per run (default 2000)")
-    parser.add_argument("--quick", action="store_true", help="300 events, 1 run (a smoke test)")
+    parser.add_argument(
+        "--quick", action="store_true", help="300 events, 1 run, shorter recipe (a smoke test)"
+    )
     parser.add_argument(
         "--only", action="append", choices=names, metavar="NAME", help=f"one of {names}"
     )
     parser.add_argument("--share", type=float, default=DEFAULTS.share, help="replay share")
     parser.add_argument(
         "--cold-rate", type=float, default=DEFAULTS.cold_rate, help="cold replay's rate (calls/s)"
+    )
+    parser.add_argument(
+        "--recipe-concurrency",
+        type=int,
+        default=DEFAULTS.recipe_concurrency,
+        help="the recipe agent's concurrency (default 1, Faust's)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (worker logs)")
@@ -50,13 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    events, runs = (300, 1) if args.quick else (DEFAULTS.events, DEFAULTS.runs)
-    return Options(
-        events=args.events or events,
-        runs=args.runs or runs,
+    options = Options(
+        events=args.events or (300 if args.quick else DEFAULTS.events),
+        runs=args.runs or (1 if args.quick else DEFAULTS.runs),
         share=args.share,
         cold_rate=args.cold_rate,
+        recipe_concurrency=args.recipe_concurrency,
     )
+    if args.quick:
+        options = dataclasses.replace(options, precision_events=300, recipe_budget=5.0)
+    return options
 
 
 async def run_scenario(stack: BenchStack, scenario: Scenario, options: Options) -> dict[str, Any]:
@@ -88,7 +101,9 @@ async def run_scenario(stack: BenchStack, scenario: Scenario, options: Options) 
 def show(path: Path) -> int:
     """Print the table of a results file written earlier."""
     document = json.loads(path.read_text())
-    print(table(document["scenarios"], Options(**document["options"])))
+    known = {f.name for f in dataclasses.fields(Options)}
+    options = Options(**{k: v for k, v in document["options"].items() if k in known})
+    print(render(document["scenarios"], options))
     return 0
 
 
@@ -122,9 +137,10 @@ async def main(args: argparse.Namespace) -> int:
         "machine": machine(),
         "options": dataclasses.asdict(options),
         "scenarios": results,
+        "goals": goal_results(results),
     }
     print()
-    print(table(results, options))
+    print(render(results, options))
     print()
     write_json(args.out, document)
     say(f"results written to {args.out}")

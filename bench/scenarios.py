@@ -8,42 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from dataclasses import dataclass
 
 from enricher.quota import reset_overrides, set_overrides
 
-from .stack import BenchStack, RedisCounts, Run, events_per_second, page_view, say, span_seconds
+from .compare import measure_footprint, measure_latency_bound, measure_overhead, measure_precision
+from .options import FAST_RATE, Measured, Options
+from .stack import SLOW_LATENCY, BenchStack, Run, say
+from .stats import events_per_second, span_seconds
 
-__all__ = ["SCENARIOS", "Measured", "Options", "Scenario"]
-
-FAST_RATE = 100_000.0  # calls/s: a limit that never binds here
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    events: int = 2000
-    runs: int = 3
-    share: float = 0.5  # the replays' share of the rate
-    cold_rate: float = 200.0  # the binding rate of the cold replay (calls/s)
-    cold_burst: int = 20
-    concurrency: int = 32  # apis.geo.concurrency (the default), and the bare client's
-    in_flight: int = 256  # worker.in_flight (the default)
-
-
-@dataclass
-class Measured:
-    figures: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _per_event(redis: RedisCounts, events: int) -> dict[str, float]:
-    """Calls per command (Lua's included), per event."""
-    return {name: round(n / events, 3) for name, n in sorted(redis.commands.items())}
+__all__ = ["FAST_RATE", "SCENARIOS", "Measured", "Options", "Scenario"]
 
 
 def _rss(run: Run, measured: Measured) -> None:
@@ -78,7 +53,7 @@ async def _replay_phase(
     }
     measured.extra |= {
         "replay_span_s": span_seconds(times),
-        "replay_redis_commands_per_event": _per_event(redis, n),
+        "replay_redis_commands_per_event": redis.commands_per_event(n),
     }
     _rss(run, measured)
     measured.extra["replay_state"] = await _final_state(run, replay_id)
@@ -138,69 +113,6 @@ async def measure_replay_cold(stack: BenchStack, run: Run, options: Options) -> 
     return measured
 
 
-async def measure_live_overhead(stack: BenchStack, run: Run, options: Options) -> Measured:
-    """One worker against the zero-latency sandbox with a limit that never binds, on ``events``
-    pre-produced events; then a bare aiohttp client at the same concurrency as a ceiling."""
-    measured = Measured()
-    n = options.events
-    run.write_config(options.in_flight, options.concurrency, rate=f"{FAST_RATE:g}/s", cache_ttl="0")
-    await run.start()
-    await run.produce(n)
-    mark = await stack.redis_mark()
-    run.start_worker()
-    # The worker's CPU time from its first output to its last (start-up left out), per event.
-    await run.wait_first_live(timeout=60)
-    cpu0, seen0 = run.worker_cpu_seconds(), len(run.tail.live_times)
-    await run.wait_live(n, timeout=60 + n / 50)
-    cpu1 = run.worker_cpu_seconds()
-    redis = await stack.redis_since(mark)
-    worker_rate = events_per_second(run.tail.live_times)
-    if cpu0 is not None and cpu1 is not None and n > seen0:
-        cpu_ms = (cpu1 - cpu0) * 1000 / (n - seen0)
-        measured.figures |= {
-            "worker_cpu_ms_per_event": cpu_ms,
-            "worker_cpu_share": cpu_ms * worker_rate / 1000,
-        }
-    _rss(run, measured)
-    await run.stop()  # the ceiling gets the machine to itself, like the worker had
-    say(f"  worker: {worker_rate:,.0f} events/s; bare aiohttp client at {options.concurrency}...")
-    ceiling = await bare_client(stack.sandbox_url, max(5 * n, 5000), options.concurrency)
-    measured.figures |= {
-        "worker_events_per_s": worker_rate,
-        "client_requests_per_s": ceiling,
-        "worker_to_client_ratio": worker_rate / ceiling,
-    }
-    round_trips, commands = redis.per_event(n)
-    measured.figures |= {
-        "redis_round_trips_per_event": round_trips,
-        "redis_commands_per_event": commands,
-    }
-    measured.extra |= {
-        "redis_commands_per_event": _per_event(redis, n),
-        "worker_span_s": span_seconds(run.tail.live_times),
-    }
-    return measured
-
-
-async def bare_client(base_url: str, requests: int, concurrency: int) -> float:
-    """Requests/s of ``concurrency`` tasks sending ``GET /geo/{ip}`` and reading the body, over
-    one aiohttp session (connection pool of ``concurrency``), ``requests`` in all."""
-    paths = [f"{base_url}/geo/{page_view(i)['client']['ip']}" for i in range(requests)]
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        queue = iter(paths)
-
-        async def loop() -> None:
-            for url in queue:
-                async with session.get(url) as response:
-                    await response.read()
-                    response.raise_for_status()
-
-        started = time.perf_counter()
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
-        return requests / (time.perf_counter() - started)
-
-
 Measure = Callable[[BenchStack, Run, Options], Awaitable[Measured]]
 
 
@@ -212,6 +124,33 @@ class Scenario:
 
 
 SCENARIOS = (
+    Scenario(
+        "overhead",
+        measure_overhead,
+        lambda o: (
+            f"zero-latency API, limit {FAST_RATE:g}/s; {2 * o.events} events through enricher "
+            f"(in_flight {o.in_flight}, concurrency {o.concurrency}) and the recipe (agent "
+            f"concurrency {o.recipe_concurrency}), {5 * o.events} through a bare aiohttp client "
+            f"({o.concurrency} concurrent) and the forwarding-only agent"
+        ),
+    ),
+    Scenario(
+        "latency-bound",
+        measure_latency_bound,
+        lambda o: (
+            f"API answering in {SLOW_LATENCY * 1000:g} ms, limit {o.slow_rate:g}/s: "
+            f"one enricher worker, then one recipe process (at most {o.recipe_budget:g} s)"
+        ),
+    ),
+    Scenario(
+        "precision",
+        measure_precision,
+        lambda o: (
+            f"{o.precision_workers} enricher workers sharing {o.precision_rate:g}/s, then "
+            f"{o.precision_workers} recipe processes with AsyncLimiter({o.precision_rate:g}, 1); "
+            f"{o.precision_events} events each"
+        ),
+    ),
     Scenario(
         "replay-warm",
         measure_replay_warm,
@@ -226,11 +165,11 @@ SCENARIOS = (
         ),
     ),
     Scenario(
-        "live-overhead",
-        measure_live_overhead,
+        "footprint",
+        measure_footprint,
         lambda o: (
-            f"{o.events} pre-produced events, zero-latency API, limit {FAST_RATE:g}/s, "
-            f"concurrency {o.concurrency}"
+            f"{o.events} events, one worker at in_flight {o.footprint_in_flight}, cache off, "
+            f"one API: Redis round trips per event and RSS"
         ),
     ),
 )

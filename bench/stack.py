@@ -1,13 +1,15 @@
 """The embedded stack the benchmarks run on, and one isolated *run* on it.
 
 :class:`BenchStack` starts, once, on free loopback ports: a Tansu broker and Redis (the same
-``services.py`` children the tests and ``enricher dev`` use) and the sandbox API as its own
-``enricher sandbox-api`` process (zero latency, no limit, no faults), so that neither the API nor
-the bench's own clients share a core's event loop with the other.
+``services.py`` children the tests and ``enricher dev`` use) and the sandbox API as two
+``enricher sandbox-api`` processes (no limit, no faults; one with zero latency, one answering in
+:data:`SLOW_LATENCY`), so that neither the API nor the bench's own clients share a core's event
+loop with the other.
 
 :class:`Run` is one measurement: its own ``app_id`` (consumer group and Redis keys) and topics,
-a config file, one ``enricher worker`` subprocess and a consumer tailing the output and
-dead-letter topics that keeps only what the figures need (broker timestamps, replay header).
+a config file, its processes (``enricher worker`` subprocesses, or the hand-written Faust apps
+``bench.recipe`` / ``bench.forward``) and a consumer tailing the output and dead-letter topics
+that keeps only what the figures need (broker timestamps, replay header).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import aiohttp
 import redis.asyncio as aioredis
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from enricher.kafka import create_topics
 from enricher.services import (
@@ -41,6 +43,9 @@ from enricher.services import (
     spawn_child,
     stop_child,
 )
+
+from .faustapp import AppEnv
+from .proc import cpu_seconds, peak_rss_mb, rss_mb
 
 __all__ = [
     "PARTITIONS",
@@ -54,6 +59,7 @@ __all__ = [
 ]
 
 PARTITIONS = 4
+SLOW_LATENCY = 0.05  # seconds: the latency-bound scenario's API
 REPLAY_HEADER = "enricher-replay"
 WORKER_STOP_TIMEOUT = 10.0
 _T0 = time.monotonic()
@@ -79,26 +85,6 @@ async def stop_process(proc: subprocess.Popen[bytes], timeout: float = WORKER_ST
     await stop_child(proc, timeout)
 
 
-def rss_mb(pid: int) -> float | None:
-    """VmRSS of ``pid`` in MB (from /proc; None where there is no /proc or it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of ``pid`` so far (from /proc; None where unavailable)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
 class BenchStack:
     """Tansu, Redis and the sandbox API, started once for every scenario."""
 
@@ -108,7 +94,9 @@ class BenchStack:
         self.redis_service = EmbeddedRedis()
         self.sandbox_port = find_free_port()
         self.sandbox_url = f"http://{LOOPBACK}:{self.sandbox_port}"
-        self.sandbox: subprocess.Popen[bytes] | None = None
+        self.slow_port = find_free_port()
+        self.slow_url = f"http://{LOOPBACK}:{self.slow_port}"
+        self.sandboxes: list[subprocess.Popen[bytes]] = []
         self._redis: aioredis.Redis | None = None
         self._http: aiohttp.ClientSession | None = None
 
@@ -126,19 +114,24 @@ class BenchStack:
         """Start everything; whatever started is left to ``stop`` on failure."""
         await self.kafka.astart()
         await self.redis_service.astart()
-        command = [sys.executable, "-m", "enricher", "sandbox-api"]
-        command += ["--host", LOOPBACK, "--port", str(self.sandbox_port), "--latency", "0"]
-        self.sandbox = _spawn(command, self.workdir / "sandbox.log", self.workdir)
+        for name, port, latency in (
+            ("sandbox", self.sandbox_port, "0"),
+            ("sandbox-slow", self.slow_port, f"{SLOW_LATENCY * 1000:g}ms"),
+        ):
+            command = [sys.executable, "-m", "enricher", "sandbox-api"]
+            command += ["--host", LOOPBACK, "--port", str(port), "--latency", latency]
+            self.sandboxes.append(_spawn(command, self.workdir / f"{name}.log", self.workdir))
         self._redis = aioredis.Redis.from_url(self.redis_service.url)
         self._http = aiohttp.ClientSession()
         async with asyncio.timeout(20):
-            while True:
-                if self.sandbox.poll() is not None:
-                    raise RuntimeError(f"sandbox API exited; see {self.workdir / 'sandbox.log'}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    await self.sandbox_stats()
-                    break
-                await asyncio.sleep(0.1)
+            for url, proc in zip((self.sandbox_url, self.slow_url), self.sandboxes, strict=True):
+                while True:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"sandbox API exited; see logs in {self.workdir}")
+                    with contextlib.suppress(aiohttp.ClientError):
+                        await self.sandbox_stats(url)
+                        break
+                    await asyncio.sleep(0.1)
 
     async def stop(self, *, keep_workdir: bool = False) -> None:
         try:
@@ -146,22 +139,29 @@ class BenchStack:
                 await self._http.close()
             if self._redis is not None:
                 await self._redis.aclose()
-            if self.sandbox is not None:
-                await stop_process(self.sandbox, 5.0)
+            for proc in self.sandboxes:
+                await stop_process(proc, 5.0)
         finally:
             await asyncio.to_thread(self.kafka.close)
             await asyncio.to_thread(self.redis_service.close)
             if not keep_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
-    async def sandbox_stats(self) -> dict[str, Any]:
-        async with self.http.get(f"{self.sandbox_url}/stats") as response:
+    async def sandbox_stats(self, url: str | None = None) -> dict[str, Any]:
+        """The ``/stats`` of the sandbox at ``url`` (default: the zero-latency one)."""
+        async with self.http.get(f"{url or self.sandbox_url}/stats") as response:
             response.raise_for_status()
             stats: dict[str, Any] = await response.json()
             return stats
 
-    async def sandbox_calls(self) -> int:
-        return int((await self.sandbox_stats())["calls"])
+    async def sandbox_reset(self, url: str | None = None) -> None:
+        """Make the sandbox at ``url`` forget what it saw (its per-second counts included)."""
+        async with self.http.post(f"{url or self.sandbox_url}/stats/reset") as response:
+            response.raise_for_status()
+
+    async def sandbox_calls(self, url: str | None = None) -> int:
+        """Calls the sandbox at ``url`` (default: the zero-latency one) has seen so far."""
+        return int((await self.sandbox_stats(url))["calls"])
 
     async def redis_mark(self) -> RedisMark:
         """Start counting Redis work (see :class:`RedisCounts`)."""
@@ -209,6 +209,10 @@ class RedisCounts:
         """(round trips, commands) per event."""
         return self.round_trips / events, sum(self.commands.values()) / events
 
+    def commands_per_event(self, events: int) -> dict[str, float]:
+        """Calls per command (Lua's included), per event."""
+        return {name: round(n / events, 3) for name, n in sorted(self.commands.items())}
+
 
 @dataclass
 class Tail:
@@ -229,20 +233,8 @@ class Tail:
                 self.live_times.append(record.timestamp)
 
 
-def events_per_second(times: list[int]) -> float:
-    """(n - 1) / (last - first), from broker timestamps in ms: the rate between the two."""
-    if len(times) < 2:
-        return float("nan")
-    span = (max(times) - min(times)) / 1000
-    return (len(times) - 1) / span if span > 0 else float("inf")
-
-
-def span_seconds(times: list[int]) -> float:
-    return (max(times) - min(times)) / 1000 if times else 0.0
-
-
 class Run:
-    """One measurement's topics, consumer group, config, worker and output tail."""
+    """One measurement's topics, consumer group, config, processes and output tail."""
 
     def __init__(self, stack: BenchStack, name: str) -> None:
         self.stack = stack
@@ -254,14 +246,18 @@ class Run:
             kind: f"{kind}-{suffix}" for kind in ("input", "output", "dead_letter", "replay")
         }
         self.config_path = self.dir / "enricher.yaml"
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None  # the first process started
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.tail = Tail()
         self._consumer: AIOKafkaConsumer | None = None
         self._tailing: asyncio.Task[None] | None = None
 
-    def write_config(self, in_flight: int, concurrency: int, **api: Any) -> Path:
-        """A config with one API ``geo`` on the sandbox (``api``: its other settings)."""
-        url = f"{self.stack.sandbox_url}/geo/{{ip}}"
+    def write_config(
+        self, in_flight: int, concurrency: int, *, api_url: str | None = None, **api: Any
+    ) -> Path:
+        """A config with one API ``geo`` on the sandbox at ``api_url`` (default: the zero-latency
+        one); ``api``: its other settings."""
+        url = f"{api_url or self.stack.sandbox_url}/geo/{{ip}}"
         settings: dict[str, Any] = {"url": url, "concurrency": concurrency, **api}
         data = {
             "app_id": self.app_id,
@@ -310,8 +306,58 @@ class Run:
                 self.tail.absorb(tp, output, records)
 
     def start_worker(self) -> None:
+        """One more ``enricher worker`` on this run's config."""
         command = [sys.executable, "-m", "enricher", "worker", "--config", str(self.config_path)]
-        self.worker = _spawn(command, self.dir / "worker.log", self.dir)  # Faust's data dir
+        self._start(command)
+
+    def start_app(
+        self, module: str, *, api_url: str = "", rate: float = 0.0, concurrency: int = 1
+    ) -> None:
+        """One more hand-written Faust app process (``bench.recipe`` or ``bench.forward``) on
+        this run's topics and consumer group; ``api_url`` is a sandbox's base URL."""
+        env = AppEnv(
+            app_id=self.app_id,
+            broker=self.stack.kafka.url,
+            input=self.topics["input"],
+            output=self.topics["output"],
+            web_port=find_free_port(),
+            api_url=f"{api_url}/geo/{{ip}}" if api_url else "",
+            rate=rate,
+            concurrency=concurrency,
+        )
+        command = ["env", *env.assignments(), sys.executable, "-m", module, "worker"]
+        self._start([*command, "--loglevel", "warn"])
+
+    def _start(self, command: list[str]) -> None:
+        log = self.dir / f"worker-{len(self.procs)}.log"
+        proc = _spawn(command, log, self.dir)  # the run's directory: Faust's data dir
+        self.procs.append(proc)
+        self.worker = self.worker or proc
+
+    async def wait_for_members(self, count: int, timeout: float = 60.0) -> None:
+        """Until the consumer group is stable with ``count`` members."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.stack.kafka.bootstrap)
+        await admin.start()
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                self._check_alive()
+                groups = await admin.describe_consumer_groups([self.app_id])
+                group = groups[0].groups[0] if groups and groups[0].groups else None
+                if group and group[2] == "Stable" and len(group[5]) == count:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{count} members not joined after {timeout:g}s")
+                await asyncio.sleep(0.25)
+        finally:
+            await admin.close()
+
+    def _check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"process {proc.pid} exited with {proc.returncode}; {self.log_hint}"
+                )
 
     async def produce(self, count: int) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.stack.kafka.bootstrap, acks="all")
@@ -330,8 +376,7 @@ class Run:
         """Until the first live output is seen (polled every 10 ms)."""
         deadline = time.monotonic() + timeout
         while not self.tail.live_times:
-            if self.worker is not None and self.worker.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.worker.returncode}; {self.log_hint}")
+            self._check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no output after {timeout:g}s")
             await asyncio.sleep(0.01)
@@ -339,14 +384,22 @@ class Run:
     async def wait_live(self, count: int, timeout: float) -> None:
         await self._wait(lambda: len(self.tail.live_times) + self.tail.dead_letters, count, timeout)
 
+    async def wait_live_or(self, count: int, *, budget: float, timeout: float) -> None:
+        """Until ``count`` live outputs, or ``budget`` seconds after the first (for a slow side
+        measured on part of the events)."""
+        await self.wait_first_live(timeout)
+        deadline = time.monotonic() + budget
+        while len(self.tail.live_times) < count and time.monotonic() < deadline:
+            self._check_alive()
+            await asyncio.sleep(0.1)
+
     async def wait_replay(self, replay_id: str, count: int, timeout: float) -> None:
         await self._wait(lambda: len(self.tail.replay_times[replay_id]), count, timeout)
 
     async def _wait(self, seen: Any, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while seen() < count:
-            if self.worker is not None and self.worker.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.worker.returncode}; {self.log_hint}")
+            self._check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{seen()} of {count} outputs after {timeout:g}s")
             await asyncio.sleep(0.1)
@@ -355,13 +408,16 @@ class Run:
 
     @property
     def log_hint(self) -> str:
-        return f"worker log: {self.dir / 'worker.log'}"
+        return f"logs: {self.dir}/worker-*.log"
 
     def worker_cpu_seconds(self) -> float | None:
         return cpu_seconds(self.worker.pid) if self.worker is not None else None
 
     def worker_rss_mb(self) -> float | None:
         return rss_mb(self.worker.pid) if self.worker is not None else None
+
+    def worker_peak_rss_mb(self) -> float | None:
+        return peak_rss_mb(self.worker.pid) if self.worker is not None else None
 
     async def enricher(self, *args: str, timeout: float = 60.0) -> str:
         """Run an ``enricher`` command; its stdout (raises on a non-zero exit)."""
@@ -405,11 +461,15 @@ class Run:
         )
         return str(json.loads(out)["state"])
 
+    async def stop_processes(self) -> None:
+        """Stop every process of the run, all at once (each SIGTERM, then SIGKILL if need be)."""
+        procs, self.procs = self.procs, []
+        await asyncio.gather(*(stop_process(proc) for proc in procs))
+
     async def stop(self) -> None:
-        """Stop the worker and the tail (the run's directory goes with the stack's)."""
+        """Stop the processes and the tail (the run's directory goes with the stack's)."""
         try:
-            if self.worker is not None:
-                await stop_process(self.worker)
+            await self.stop_processes()
         finally:
             tailing, self._tailing = self._tailing, None
             consumer, self._consumer = self._consumer, None
