@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test lint typecheck format all run clean bench
+.PHONY: install test lint typecheck format all run clean bench chaos
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ test: $(STAMP)
 # Benchmarks on the embedded stack (a few minutes; not part of `test`). ARGS="--quick" for a smoke run.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(ARGS)
+
+# Faults and hostile input on the embedded stack (under 10 minutes; not part of `test`).
+# ARGS="--only NAME" runs one scenario; ARGS="--scale 0.3" a shorter version of each.
+chaos: $(STAMP)
+	$(BIN)/python -m chaos.run $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check enricher tests
