@@ -30,12 +30,12 @@ chaos: $(STAMP)
 	$(BIN)/python -m chaos.run $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check enricher tests
-	$(BIN)/ruff format --check enricher tests
+	$(BIN)/ruff check enricher tests chaos
+	$(BIN)/ruff format --check enricher tests chaos
 
 format: $(STAMP)
-	$(BIN)/ruff format enricher tests
-	$(BIN)/ruff check --fix enricher tests
+	$(BIN)/ruff format enricher tests chaos
+	$(BIN)/ruff check --fix enricher tests chaos
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

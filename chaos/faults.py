@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
@@ -25,6 +26,7 @@ FAULT_KINDS = {
 }
 FAULT_RATE, FAULT_BURST, ATTEMPTS = 20.0, 5, 3
 RSS_LIMIT_MB = 400.0
+ABSURD_GAP = 4.0  # seconds: a block of max_retry_after (2 s) plus backoff, not 999999999 s
 
 
 def fault_apis(kinds: list[str], **extra: Any) -> dict[str, dict[str, Any]]:
@@ -70,17 +72,22 @@ async def api_faults(stack: ChaosStack, scale: float) -> Result:
         limits = {f"/fault/{k}/": (FAULT_RATE, FAULT_BURST) for k in kinds}
         acc = finish(result, scene, limits | {"/geo/": (50.0, 10)}, allow_dead_letters=True)
         _check_kinds(result, scene, kinds)
-        calls = Counter(
-            c["path"].split("/")[2]
-            for c in stack.api_calls(scene.started)
-            if c["path"].startswith("/fault/")
-        )
-        most = max(calls.values(), default=0)
-        bound = ATTEMPTS * per_kind
+        logged = stack.api_calls(scene.started)
+        fault_calls = [c["path"] for c in logged if c["path"].startswith("/fault/")]
+        absurd_times = [c["time"] for c in logged if c["path"].startswith("/fault/429-absurd/")]
+        calls = Counter(path.split("/")[2] for path in fault_calls)
+        per_event = max(Counter(fault_calls).values(), default=0)  # one path per event
         result.check(
             f"attempts <= {ATTEMPTS} per event",
-            most <= bound,
-            f"most calls to one fault API: {most} for {per_kind} events",
+            per_event <= ATTEMPTS,
+            f"most calls for one event: {per_event}",
+        )
+        ordered = sorted(absurd_times)
+        gap = max((b - a for a, b in itertools.pairwise(ordered)), default=0.0)
+        result.check(
+            "absurd Retry-After capped",
+            bool(ordered) and gap <= ABSURD_GAP,
+            f"longest pause between 429-absurd calls {gap:.1f} s (cap 2 s)",
         )
         result.check(
             f"worker RSS <= {RSS_LIMIT_MB:g} MB",
