@@ -85,16 +85,34 @@ async def sigterm(stack: ChaosStack, scale: float) -> Result:
         total = int(400 * max(scale, 0.25))
         await scene.produce(page_view(i) for i in range(total))
         await scene.wait_for("40 outputs", lambda: len(scene.seen) >= 40, 60)
+        signalled = time.time()
         stop_s = await scene.workers[0].terminate(15.0)
         say(f"  worker0 stopped in {stop_s:.1f}s after SIGTERM")
         await scene.drain(total / 20 + 60)
         finish(result, scene, {"/geo/": (20.0, BURST)})
         result.recover_s = stop_s
         result.figures["stop_s"] = round(stop_s, 2)
+        result.figures["duplicates_first_written"] = _when_written(scene, signalled, stop_s)
         result.check("stops within 10 s of SIGTERM", stop_s <= 10, f"{stop_s:.1f} s")
     finally:
         await scene.close()
     return result
+
+
+def _when_written(scene: Scene, signalled: float, stop_s: float) -> dict[str, int]:
+    """Where the first copy of each duplicated input was written: before the SIGTERM, during
+    the stopping worker's grace, or after it had exited (then the survivor wrote it twice)."""
+    first: dict[str, float] = {}
+    copies: dict[str, int] = defaultdict(int)
+    for when, source in scene.arrivals:
+        first.setdefault(source, when)
+        copies[source] += 1
+    found = {"before_sigterm": 0, "during_grace": 0, "after_exit": 0}
+    for source, when in first.items():
+        if copies[source] > 1:
+            phase = "before_sigterm" if when < signalled else "during_grace"
+            found["after_exit" if when > signalled + stop_s else phase] += 1
+    return found
 
 
 async def redis_down(stack: ChaosStack, scale: float) -> Result:
