@@ -255,6 +255,9 @@ class Scene:
         self._tasks += [asyncio.ensure_future(self._sample())]
 
     def start_worker(self, *extra: str) -> Worker:
+        """Start ``enricher worker`` on the scene's config (``extra``: more arguments). Its
+        environment is ours plus ``env`` and the Redis URL (kept out of the config file, so a
+        password in it is nowhere on disk); :meth:`close` removes them again."""
         n = len(self.workers)
         command = [sys.executable, "-m", "enricher", "worker", "--config", str(self.config_path)]
         os.environ.update(self.env)  # spawn_child passes os.environ on
