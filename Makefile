@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test lint typecheck format all run clean bench
+.PHONY: install test lint typecheck format all run clean bench chaos
 
 install: $(STAMP)
 
@@ -24,13 +24,18 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(ARGS)
 
+# Faults and hostile input on the embedded stack (under 10 minutes; not part of `test`).
+# ARGS="--only NAME" runs one scenario; ARGS="--scale 0.3" a shorter version of each.
+chaos: $(STAMP)
+	$(BIN)/python -m chaos.run $(ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check enricher tests bench
-	$(BIN)/ruff format --check enricher tests bench
+	$(BIN)/ruff check enricher tests bench chaos
+	$(BIN)/ruff format --check enricher tests bench chaos
 
 format: $(STAMP)
-	$(BIN)/ruff format enricher tests bench
-	$(BIN)/ruff check --fix enricher tests bench
+	$(BIN)/ruff format enricher tests bench chaos
+	$(BIN)/ruff check --fix enricher tests bench chaos
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

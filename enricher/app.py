@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import faust
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from faust.exceptions import ProducerSendError
 from faust.types import TP
 
 from .config import Config
@@ -77,6 +78,10 @@ class FaustSink:
             )
         except MessageSizeTooLargeError as exc:
             raise OutputTooLarge(str(exc)) from None
+        except ProducerSendError as exc:  # Faust wraps what aiokafka raises before sending
+            if isinstance(exc.__cause__, MessageSizeTooLargeError):
+                raise OutputTooLarge(str(exc.__cause__)) from None
+            raise SinkUnavailable(type(exc.__cause__ or exc).__name__) from None
         except (KafkaError, OSError) as exc:
             raise SinkUnavailable(type(exc).__name__) from None
 

@@ -47,7 +47,12 @@ def http_session(stats: WorkerStats | None = None) -> aiohttp.ClientSession:
     ``stats``, every HTTP attempt is counted by result."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     traces = [attempt_trace(stats)] if stats is not None else None
-    return aiohttp.ClientSession(connector=connector, trust_env=False, trace_configs=traces)
+    session = aiohttp.ClientSession(connector=connector, trust_env=False, trace_configs=traces)
+    # aiohttp (3.10+) silently sends a GET again when the connection drops: a call the API sees
+    # without a token of ours. Every attempt must take its own token, so the retry policy decides.
+    # No public switch; aiohttp's own test_utils sets the same attribute.
+    session._retry_connection = False
+    return session
 
 
 class Runtime(Generic[T]):

@@ -8,6 +8,12 @@ Endpoints (every one except ``/stats`` counts as a call)::
     GET  /big/{size}          a JSON object of about ``size`` bytes (response-size caps)
     GET  /text/{anything}     200 with a body that is not JSON (bad responses)
     GET  /status/{code}       answers that status (non-retriable errors, ...)
+    GET  /fault/{kind}/{any}  a misbehaving API, by ``kind``: ``5xx`` (503), ``429`` (no
+                              Retry-After), ``429-absurd`` (Retry-After: 999999999), ``timeout``
+                              (no answer for ``hang`` seconds), ``reset`` (connection reset),
+                              ``nonjson`` (200 text/html), ``huge`` (a 50 MB JSON answer, streamed),
+                              ``drip`` (200 JSON, one byte every ``drip_interval`` seconds)
+    GET  /stats/calls         every call's arrival (epoch seconds), raw path and Host header
     GET  /stats[?detail=1]    what it saw; ``detail`` adds per-request counts
     POST /stats/reset         forget it all
 
@@ -35,7 +41,7 @@ import json
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -54,6 +60,8 @@ __all__ = [
 ]
 
 WINDOW = 120  # seconds of per-second counts kept
+CALL_LOG = 200_000  # calls kept by the call log (arrival, raw path, Host), the oldest dropped
+HUGE_BYTES = 50 * 1024 * 1024
 _FAULTS = (500, 502, 503)
 _PLACES = (
     ("US", "New York", 40.71, -74.01, 7018),
@@ -89,6 +97,8 @@ class SandboxSettings:
     window: float = 1.0  # seconds per window
     ratelimit_headers: Literal["none", "x", "x-epoch", "ietf", "ietf-dict"] = "none"
     failing: bool = False  # every admitted call gets fail_status (an API that is down)
+    hang: float = 30.0  # seconds a /fault/timeout call waits before answering
+    drip_interval: float = 0.5  # seconds between the bytes of a /fault/drip answer
 
     def __post_init__(self) -> None:
         low, high = self.latency if isinstance(self.latency, tuple) else (self.latency,) * 2
@@ -101,6 +111,8 @@ class SandboxSettings:
             "fail_status must be 400..599": 400 <= self.fail_status <= 599,
             "window_limit must be >= 1": self.window_limit is None or self.window_limit >= 1,
             "window must be > 0": self.window > 0,
+            "hang must be >= 0": self.hang >= 0,
+            "drip_interval must be > 0": self.drip_interval > 0,
         }
         for message, ok in checks.items():
             if not ok:
@@ -187,6 +199,14 @@ class _Recorder:
         self.paths_ok: Counter[str] = Counter()
         self.in_flight = self.max_concurrent = 0
         self.max_calls = self.max_admitted = 0
+        self.calls: deque[tuple[float, str, str]] = deque(maxlen=CALL_LOG)
+
+    def log_call(self, request: web.Request) -> None:
+        """Keep the call's arrival time, raw path (as sent, before decoding) and Host header."""
+        self.calls.append((time.time(), request.raw_path, request.headers.get("Host", "")))
+
+    def call_log(self) -> list[dict[str, Any]]:
+        return [{"time": t, "path": path, "host": host} for t, path, host in self.calls]
 
     def arrive(self, key: str, second: int) -> None:
         self.counts["calls"] += 1
@@ -327,6 +347,7 @@ async def _account(request: web.Request, handler: Handler) -> web.StreamResponse
     if request.path == "/stats" or request.path.startswith("/stats/"):
         return await handler(request)
     state = request.app[STATE]
+    state.recorder.log_call(request)
     key, second = await _request_key(request), int(time.time())
     state.recorder.arrive(key, second)
     status = 0  # stays 0 if cancelled: no answer sent, counted in calls only
@@ -401,6 +422,53 @@ async def _status(request: web.Request) -> web.Response:
     return web.json_response({"status": code}, status=code, headers=headers)
 
 
+async def _fault(request: web.Request) -> web.StreamResponse:
+    kind, settings = request.match_info["kind"], request.app[STATE].settings
+    if kind == "5xx":
+        return web.json_response({"error": "injected fault"}, status=503)
+    if kind in ("429", "429-absurd"):
+        headers = {"Retry-After": "999999999"} if kind == "429-absurd" else {}
+        return web.json_response({"error": "rate limited"}, status=429, headers=headers)
+    if kind == "timeout":
+        await asyncio.sleep(settings.hang)
+        return web.json_response({"late": True})
+    if kind == "reset":
+        if request.transport is not None:
+            request.transport.abort()  # RST-like: the client sees the connection drop
+        raise ConnectionResetError("sandbox: injected connection reset")
+    if kind == "nonjson":
+        return web.Response(text="<html>not json</html>", content_type="text/html")
+    if kind == "huge":
+        return await _stream(request, b'{"data": "', b"x" * 1024 * 1024, HUGE_BYTES, 0.0)
+    if kind == "drip":
+        return await _stream(request, b'{"drip": "', b"x", 100, settings.drip_interval)
+    raise web.HTTPNotFound(text=f"no fault kind {kind!r}")
+
+
+async def _stream(
+    request: web.Request, head: bytes, chunk: bytes, size: int, interval: float
+) -> web.StreamResponse:
+    """A JSON string answer of about ``size`` bytes in ``chunk``s, ``interval`` seconds apart;
+    gives up quietly when the client goes away."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    try:
+        await response.write(head)
+        for _ in range(max(1, size // len(chunk))):
+            await response.write(chunk)
+            if interval:
+                await asyncio.sleep(interval)
+        await response.write(b'"}')
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):  # the client closed the connection
+        pass
+    return response
+
+
+async def _calls(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].recorder.call_log())
+
+
 async def _stats(request: web.Request) -> web.Response:
     detail = request.query.get("detail", "") not in ("", "0", "false")
     return web.json_response(request.app[STATE].recorder.snapshot(detail))
@@ -421,7 +489,9 @@ def create_sandbox_app(settings: SandboxSettings) -> web.Application:
     app.router.add_get(r"/big/{size:\d+}", _big)
     app.router.add_get("/text/{anything:.*}", _text)
     app.router.add_get(r"/status/{code:[1-5]\d\d}", _status)
+    app.router.add_get("/fault/{kind}/{anything:.*}", _fault)
     app.router.add_get("/stats", _stats)
+    app.router.add_get("/stats/calls", _calls)
     app.router.add_post("/stats/reset", _reset)
     return app
 
@@ -441,6 +511,10 @@ class SandboxServer:
     def stats(self, detail: bool = False) -> dict[str, Any]:
         """The ``/stats`` body, without a request."""
         return self._state.recorder.snapshot(detail)
+
+    def calls(self) -> list[dict[str, Any]]:
+        """The ``/stats/calls`` body: every call's ``time``, raw ``path`` and ``host``."""
+        return self._state.recorder.call_log()
 
     def reset(self) -> None:
         """Forget all counts; the bucket refills and the fault sequence restarts."""

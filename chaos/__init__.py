@@ -1,0 +1,1 @@
+"""``make chaos``: the enricher stack under faults and hostile input, every input accounted for."""
