@@ -8,7 +8,7 @@ of one API in one Redis Cluster slot, so one script can touch them all atomicall
     <prefix>blocked                   "blocked until" (Retry-After)   until the block ends + 1 s
     <prefix>overrides                 hash: rate, burst, quota:<p>    30 days, renewed by limits set
     <prefix>quota:<period>:<stamp>    calls granted in that period    until the period ends + 60 s
-    <prefix>quota:<p>:<s>:base        the counter at the epoch's start  as the counter
+    <prefix>quota:<p>:<s>:base        the counter at epoch start      as the counter
     <prefix>quota:epoch               the current epoch (µs)          7 days, renewed per decision
     <prefix>server_budget             hash: limit, reset_at (µs)      until the server's reset
     <prefix>granted                   number of the last grant        32 days, renewed per grant
