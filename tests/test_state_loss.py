@@ -139,6 +139,10 @@ async def test_quota_counters_come_back_from_the_workers_sights(
         assert [q.used for q in (await first.usage("geo")).quotas] == [32]
         await first.acquire("geo")  # an older sight never lowers nor double-counts
         assert await day_used(client) == 33
+        keys = [key async for key in client.scan_iter("*")]
+        assert any(key.endswith(b":base") for key in keys)
+        for key in keys:
+            assert await client.pttl(key) > 0, key
     finally:
         for limiter in (first, second):
             await limiter.close()
