@@ -24,6 +24,10 @@ The API's own rate-limit headers (``server_signal``, fed by the caller with the 
 grant whose answer carried them) are shared the same way: ``lua/server_budget.lua`` keeps what the
 server has left until its reset, and every worker's next decision paces by it (``acquire.lua``);
 none left also blocks the API until the server's reset.
+
+Each decision hands back the worker's latest ``sight`` of the shared state (epoch, grant counter,
+quota counters): if Redis lost its state, the script starts a new epoch that fails closed and
+restores the counters from the workers' sights (``lua/acquire.lua``, "Recovery from lost state").
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from .quota import (
     Keys,
     Limits,
     load_script,
+    newer_sight,
     period_bounds,
     read_usage,
     replay_usage,
@@ -57,7 +62,14 @@ from .quota import (
 )
 from .units import QuotaPeriod
 
-__all__ = ["Limiter", "MemoryLimiter", "RedisLimiter", "acquire_args", "parse_reply"]
+__all__ = [
+    "Limiter",
+    "MemoryLimiter",
+    "RedisLimiter",
+    "acquire_args",
+    "parse_reply",
+    "reply_sight",
+]
 
 log = logging.getLogger("enricher.limiter")
 
@@ -91,18 +103,30 @@ class Limiter(Protocol):
 
 
 def acquire_args(
-    limits: Limits, max_wait: float, now_us: int | None = None, share: float | None = None
+    limits: Limits,
+    max_wait: float,
+    now_us: int | None = None,
+    share: float | None = None,
+    sight: str | None = None,
 ) -> list[str]:
     """ARGV of ``acquire.lua``; ``now_us`` fakes Redis time (tests only); ``share`` is a replay
-    lane's share (with the replay's KEYS, see :meth:`Keys.acquire`), ``None`` for a live call."""
+    lane's share (with the replay's KEYS, see :meth:`Keys.acquire`), ``None`` for a live call;
+    ``sight`` the caller's last sight (``""``: none yet; ``None``: no recovery from lost state)."""
     numbers = [limits.rate, limits.burst, round(max_wait * 1e6), *limits.quota_args()]
     args = [*(repr(n) for n in numbers), "" if now_us is None else str(now_us)]
-    return args if share is None else [*args, repr(float(share))]
+    if share is not None or sight is not None:
+        args.append("" if share is None else repr(float(share)))
+    return args if sight is None else [*args, sight]
+
+
+def reply_sight(reply: list[Any]) -> str:
+    """The ``sight`` of an ``acquire.lua`` reply (``""`` if it has none)."""
+    return text(reply[9]) if len(reply) > 9 else ""
 
 
 def parse_reply(reply: list[Any]) -> Decision:
     """The ``acquire.lua`` reply as a Decision (times in seconds)."""
-    granted, wait_us, reason, *remaining, rate, number = reply
+    granted, wait_us, reason, *remaining, rate, number = reply[:9]
     return Decision(
         granted=int(granted) == 1,
         wait=int(wait_us) / 1e6,
@@ -183,6 +207,7 @@ class RedisLimiter(LimiterBase):
             LocalFallback(self._apis, local_share, clock) if on_unavailable == "local" else None
         )
         self._local_blocked: dict[str, float] = {}
+        self._sights: dict[str, str] = {}  # per API, the latest sight (recovery from lost state)
 
     def _check(self, api: str) -> None:
         if api not in self._apis:
@@ -199,7 +224,12 @@ class RedisLimiter(LimiterBase):
             reply = await asyncio.wait_for(
                 self._acquire_script(
                     keys=self._keys[api].acquire(replay_id),
-                    args=acquire_args(self._limits[api], self._max_wait, share=share),
+                    args=acquire_args(
+                        self._limits[api],
+                        self._max_wait,
+                        share=share,
+                        sight=self._sights.get(api, ""),
+                    ),
                 ),
                 self._timeout,
             )
@@ -210,6 +240,7 @@ class RedisLimiter(LimiterBase):
             raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
         if self._health.recovered(self._clock()):
             await self._resync()
+        self._sights[api] = newer_sight(self._sights.get(api, ""), reply_sight(reply))
         decision = parse_reply(reply)
         if self._local is not None:
             self._local.observe(api, decision, now, lane)

@@ -8,6 +8,8 @@ of one API in one Redis Cluster slot, so one script can touch them all atomicall
     <prefix>blocked                   "blocked until" (Retry-After)   until the block ends + 1 s
     <prefix>overrides                 hash: rate, burst, quota:<p>    30 days, renewed by limits set
     <prefix>quota:<period>:<stamp>    calls granted in that period    until the period ends + 60 s
+    <prefix>quota:<p>:<s>:base        the counter at epoch start      as the counter
+    <prefix>quota:epoch               the current epoch (µs)          7 days, renewed per decision
     <prefix>server_budget             hash: limit, reset_at (µs)      until the server's reset
     <prefix>granted                   number of the last grant        32 days, renewed per grant
     <prefix>shadow:tat                shadow GCRA TAT, µs             until the bucket is full + 1 s
@@ -22,6 +24,10 @@ of one API in one Redis Cluster slot, so one script can touch them all atomicall
 
 The overrides hash may also hold ``shadow_rate`` and ``shadow_burst`` (``limits set
 --shadow-rate``): a limit evaluated at every granted call but never enforced (``lua/acquire.lua``).
+
+The epoch and the bases recover from lost state (Redis restarted empty, flushed or rolled
+back): each worker hands back the ``sight`` of the last reply it got (:func:`newer_sight`), and a
+new epoch fails closed (``lua/acquire.lua``, "Recovery from lost state").
 
 A replay's cap is ``floor(share x remaining)`` at its first granted call in the period (SET NX);
 its calls also count in the shared ``quota`` counters and take slots of the shared bucket.
@@ -58,6 +64,7 @@ __all__ = [
     "ServerBudget",
     "ShadowUsage",
     "load_script",
+    "newer_sight",
     "override_fields",
     "period_bounds",
     "read_usage",
@@ -232,6 +239,11 @@ class Keys:
 
     def quota(self, period: QuotaPeriod, stamp: str) -> str:
         return f"{self.quota_prefix}{period}:{stamp}"
+
+    @property
+    def epoch(self) -> str:
+        """The current epoch's marker (recovery from lost state, ``lua/acquire.lua``)."""
+        return self.quota_prefix + "epoch"
 
     @property
     def server_budget(self) -> str:
@@ -412,6 +424,18 @@ class ApiUsage:
 
 def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
+
+
+def newer_sight(held: str, seen: str) -> str:
+    """The later of two ``acquire.lua`` sights (``"<epoch> <grants> ..."``; ``""`` = none):
+    by epoch, then grant counter (a tie keeps ``seen``). Replies to concurrent decisions may
+    arrive out of order; the later state carries every count of the earlier one."""
+    return seen if _sight_order(seen) >= _sight_order(held) else held
+
+
+def _sight_order(sight: str) -> tuple[int, int]:
+    words = sight.split(maxsplit=2)
+    return (int(words[0]), int(words[1])) if len(words) >= 2 else (-1, -1)
 
 
 def load_script(name: str) -> str:

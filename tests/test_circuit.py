@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -122,6 +123,9 @@ async def make_worker(
     made: list[tuple[Worker, RedisLimiter, aiohttp.ClientSession]] = []
 
     def build(settings: Mapping[str, ApiSettings]) -> Worker:
+        with redis.Redis.from_url(redis_server.url) as sync:  # an epoch: no first-start hold
+            for name in settings:
+                sync.set(Keys.of(app_id, name).epoch, "1", px=3_600_000, nx=True)
         client = aioredis.Redis.from_url(redis_server.url)
         limiter = RedisLimiter(redis=client, app_id=app_id, apis=settings)
         breaker = CircuitBreaker(redis=client, app_id=app_id, apis=settings)

@@ -9,7 +9,8 @@
 -- KEYS[3]  <prefix>overrides  hash of run-time overrides: rate (calls/s), burst, quota:<period>,
 --          shadow_rate (calls/s), shadow_burst
 -- KEYS[4]  <prefix>quota:     prefix of the quota counters; the script appends "<period>:<stamp>"
---          (e.g. "day:2025-01-31"), because the period depends on Redis time. <prefix> is
+--          (e.g. "day:2025-01-31", and ":base" to that for its base) because the period
+--          depends on Redis time, or "epoch" (see "Recovery from lost state"). <prefix> is
 --          "enricher:{<app_id>:<api>}:", so every key shares the {<app_id>:<api>} hash tag and
 --          Redis Cluster routes them all to one slot.
 -- KEYS[5]  <prefix>server_budget  hash: limit, reset_at (server_budget.lua), if the API said one
@@ -25,16 +26,22 @@
 -- ARGV[4..7]  quota limits for minute, hour, day, month (-1 = no such quota)
 -- ARGV[8]  optional fake "now" in µs, for tests only; empty = Redis TIME
 -- ARGV[9]  replay share in (0, 1]; absent or empty = a live call (KEYS[8..9] are then unused)
+-- ARGV[10] the caller's sight: the `sight` of the last reply it got ("" = none yet); absent =
+--          no recovery from lost state (scripted tests only; every worker passes it)
 --
--- Returns {granted, wait_us, reason, rem_minute, rem_hour, rem_day, rem_month, rate, number}:
+-- Returns {granted, wait_us, reason, rem_minute, rem_hour, rem_day, rem_month, rate, number,
+-- sight}:
 --   granted 1: a slot is reserved, the caller sleeps wait_us and then calls (pacing by reservation);
---   granted 0: nothing changed; reason is "blocked", "server" (the server's budget is spent),
+--   granted 0: nothing reserved or counted; reason is "blocked", "server" (the server's budget is spent),
 --              "quota:<period>", "replay-quota:<period>", "rate" or "replay-rate", and wait_us is
 --              how long until asking again can succeed.
 --   rem_*: the API's (shared) quota left in the current period after this decision (-1 = none);
 --   rate: the effective rate (calls/s, as a string) so a worker can fall back to it locally;
 --   number: the grant's number (KEYS[6]), which the caller hands back with the answer's
---           rate-limit figures (server_budget.lua); -1 when refused or without KEYS[6].
+--           rate-limit figures (server_budget.lua); -1 when refused or without KEYS[6];
+--   sight: "<epoch> <grants> <period>=<stamp>=<used> ..." (the epoch, the grant counter and each
+--          quota's counter after this decision), which the caller hands back as its next ARGV[10]
+--          ("" without ARGV[10]).
 -- Every key written gets a TTL: a crash can never leave an immortal key.
 --
 -- Effective rate. The config's rate and burst, unless overridden (HSET by `limits set`). Then the
@@ -46,6 +53,32 @@
 -- Counting grants (reserved slots and calls in flight included) rather than trusting a stored
 -- pace is what makes this hold while answers lag behind the calls. The reply's rate is the paced
 -- one.
+--
+-- Recovery from lost state (Redis restarted empty, flushed, or rolled back to an older snapshot
+-- or a lagging replica). The key <KEYS[4]>epoch (TTL 7 days, renewed by every decision) names
+-- the current epoch (the Redis time at its start, µs). An epoch starts when that key is missing,
+-- or when the caller's sight shows a state Redis no longer has (its epoch is newer than the
+-- stored one, or the same with more grants than the counter holds). State may have been lost
+-- then (or this is the API's first call in 7 days), and the script fails closed:
+--   * the bucket: every slot granted before the loss lies at most max_wait (ARGV[3]) after the
+--     loss, so the old bucket's TAT was at most loss + max_wait + burst x interval; the TAT is
+--     raised to now + that, and new grants continue the old bucket as if it had never been lost.
+--     Cost: no call for about max_wait + burst / rate (1.2 s at 50/s, burst 10, max_wait 1 s)
+--     once per epoch, also at an API's first start.
+--   * the counters: each quota counter of the current periods keeps a base (<key>:base, same
+--     TTL), the value it had when the epoch started (0 after a wipe). A sight from an earlier
+--     epoch is a lower bound of the counters before the loss: where its period stamp is current
+--     and its count exceeds the base, the difference is added to the counter and the base
+--     raised to it; so a counter becomes max(base, every worker's last count) + the grants made
+--     since the loss, never counting a grant twice. The grant counter (KEYS[6]) is raised to the
+--     sight's the same way, so grant numbers keep growing (server_budget.lua, and the rollback
+--     check above).
+-- What stays lost: calls granted between the last reply any live worker got and the loss (a
+-- worker that restarted since has no sight), the run-time overrides (the config applies again;
+-- if an override had made the bucket slower, its burst / rate bound the old TAT, not the
+-- config's), the server's budget (learnt again from the next answer), Retry-After blocks (each
+-- worker still obeys those it stored itself) and a replay's own bucket, cap and use (its calls
+-- still count in the shared bucket and quotas).
 --
 -- Shadow limit (overrides shadow_rate, shadow_burst; `limits set --shadow-rate`). Evaluated at
 -- every granted call (live and replay: a limit would apply to both), never enforced: nothing
@@ -85,6 +118,8 @@
 -- least (1 - share) of it.
 
 local PERIODS = {"minute", "hour", "day", "month"}
+local EPOCH_TTL_MS = 7 * 86400000    -- the epoch marker outlives any reservation by far
+local GRANTED_TTL_MS = 32 * 86400000 -- the grant counter outlives any server budget
 local floor = math.floor
 
 -- Days since 1970-01-01 -> proleptic Gregorian y, m, d (H. Hinnant's civil_from_days).
@@ -174,32 +209,95 @@ if KEYS[6] then
   end
 end
 
--- Quotas: limit, used and key of each period that has one (and the replay's cap and use).
+-- Quotas: limit, key and period of each period that has one.
 local secs = floor(now / 1000000)
 local quotas, remaining = {}, {}
 for i, name in ipairs(PERIODS) do
   local limit = ov["quota:" .. name] or tonumber(ARGV[3 + i])
   remaining[i] = -1
   if limit >= 0 then
-    local start, stop, stamp = period_of(name, secs)
+    local _, stop, stamp = period_of(name, secs)
     local key = KEYS[4] .. name .. ":" .. stamp
-    local used = tonumber(redis.call("GET", key) or "0")
-    remaining[i] = math.max(0, limit - used)
-    local q = {i = i, name = name, key = key, limit = limit, used = used, stop = stop}
-    if share then
-      q.cap_key = KEYS[9] .. "cap:" .. name .. ":" .. stamp
-      q.used_key = KEYS[9] .. "used:" .. name .. ":" .. stamp
-      local cap = redis.call("GET", q.cap_key)
-      q.cap = cap and tonumber(cap) or floor(share * remaining[i])
-      q.replay_used = tonumber(redis.call("GET", q.used_key) or "0")
-    end
-    quotas[#quotas + 1] = q
+    quotas[#quotas + 1] = {i = i, name = name, key = key, stamp = stamp, limit = limit, stop = stop,
+      ttl = math.ceil((stop * 1000000 - now) / 1000) + 60000, base_key = key .. ":base",
+      used = tonumber(redis.call("GET", key) or "0")}
   end
+end
+
+-- (0) Recovery from lost state (see the header), when the caller reports its sight (ARGV[10]).
+local epoch, granted_count = "", 0
+if ARGV[10] then
+  local words, seen = {}, {}
+  for word in string.gmatch(ARGV[10], "%S+") do words[#words + 1] = word end
+  local seen_epoch, seen_granted = tonumber(words[1] or ""), tonumber(words[2] or "") or 0
+  for i = 3, #words do
+    local name, stamp, used = string.match(words[i], "^(%a+)=([^=]+)=(%d+)$")
+    if name then seen[name] = {stamp = stamp, used = tonumber(used)} end
+  end
+  local epoch_key = KEYS[4] .. "epoch"
+  local stored = tonumber(redis.call("GET", epoch_key) or "")
+  if KEYS[6] then granted_count = tonumber(redis.call("GET", KEYS[6]) or "0") end
+  local lost = not stored or (seen_epoch ~= nil and (seen_epoch > stored
+    or (seen_epoch == stored and seen_granted > granted_count)))
+  if lost then
+    -- A new epoch: the counters as they are now are its base, and the bucket starts past every
+    -- slot reserved before the loss (max_wait ahead at most) plus a full bucket's worth.
+    stored = math.max(now, (seen_epoch or 0) + 1)
+    for _, q in ipairs(quotas) do
+      redis.call("SET", q.base_key, string.format("%.0f", q.used), "PX", q.ttl)
+    end
+    local after = now + max_wait + burst * math.ceil(1000000 / rate)
+    if tonumber(redis.call("GET", KEYS[1]) or "0") < after then
+      redis.call("SET", KEYS[1], string.format("%.0f", after), "PX",
+        math.ceil((after - now) / 1000) + 1000)
+    end
+  end
+  epoch = string.format("%.0f", stored)
+  redis.call("SET", epoch_key, epoch, "PX", EPOCH_TTL_MS)
+  if seen_epoch ~= nil and seen_epoch ~= stored then
+    -- A sight from an earlier epoch: lower bounds of the counters before the loss.
+    if KEYS[6] and seen_granted > granted_count then
+      granted_count = seen_granted
+      redis.call("SET", KEYS[6], string.format("%.0f", granted_count), "PX", GRANTED_TTL_MS)
+    end
+    for _, q in ipairs(quotas) do
+      local sight = seen[q.name]
+      local base = tonumber(redis.call("GET", q.base_key) or "")
+      if sight and sight.stamp == q.stamp and base and sight.used > base then
+        redis.call("INCRBY", q.key, sight.used - base)
+        redis.call("PEXPIRE", q.key, q.ttl)
+        redis.call("SET", q.base_key, string.format("%.0f", sight.used), "PX", q.ttl)
+        q.used = q.used + sight.used - base
+      end
+    end
+  end
+end
+
+-- What is left of each quota (and the replay's cap and use).
+for _, q in ipairs(quotas) do
+  remaining[q.i] = math.max(0, q.limit - q.used)
+  if share then
+    q.cap_key = KEYS[9] .. "cap:" .. q.name .. ":" .. q.stamp
+    q.used_key = KEYS[9] .. "used:" .. q.name .. ":" .. q.stamp
+    local cap = redis.call("GET", q.cap_key)
+    q.cap = cap and tonumber(cap) or floor(share * remaining[q.i])
+    q.replay_used = tonumber(redis.call("GET", q.used_key) or "0")
+  end
+end
+
+-- The caller's next sight: "<epoch> <grants> <period>=<stamp>=<used> ..." after this decision.
+local function sight_of()
+  if epoch == "" then return "" end
+  local parts = {epoch, string.format("%.0f", granted_count)}
+  for _, q in ipairs(quotas) do
+    parts[#parts + 1] = q.name .. "=" .. q.stamp .. "=" .. string.format("%.0f", q.used)
+  end
+  return table.concat(parts, " ")
 end
 
 local function reply(granted, wait, reason, number)
   return {granted, math.ceil(wait), reason, remaining[1], remaining[2], remaining[3],
-    remaining[4], tostring(rate), number or -1}
+    remaining[4], tostring(rate), number or -1, sight_of()}
 end
 
 -- (1) A server's Retry-After blocks every worker, and so does its spent budget.
@@ -247,7 +345,7 @@ end
 reserve(KEYS[1], tat, interval)
 if share then reserve(KEYS[8], replay_tat, replay_interval) end
 for _, q in ipairs(quotas) do
-  local ttl = math.ceil((q.stop * 1000000 - now) / 1000) + 60000
+  local ttl = q.ttl
   redis.call("INCR", q.key)
   redis.call("PEXPIRE", q.key, ttl)
   if share then
@@ -255,14 +353,16 @@ for _, q in ipairs(quotas) do
     redis.call("INCR", q.used_key)
     redis.call("PEXPIRE", q.used_key, ttl)
   end
-  remaining[q.i] = math.max(0, q.limit - q.used - 1)
+  q.used = q.used + 1
+  remaining[q.i] = math.max(0, q.limit - q.used)
 end
 
 -- (4) The grant's number; the counter outlives any server budget (at most 31 days).
 local number
 if KEYS[6] then
   number = redis.call("INCR", KEYS[6])
-  redis.call("PEXPIRE", KEYS[6], 32 * 86400000)
+  redis.call("PEXPIRE", KEYS[6], GRANTED_TTL_MS)
+  granted_count = number
 end
 
 -- (5) The shadow limit: measured at the call's slot, never enforced (see the header).
