@@ -336,9 +336,9 @@ async def test_sigterm_of_one_of_two_workers_under_backlog_duplicates_nothing(
     # The stopping worker commits what it wrote before it leaves; the survivor, whose
     # partitions are all revoked and re-assigned, commits before the revocation completes and
     # never writes an event it will read again.
-    n, rate = 240, 40
+    n, rate = 300, 25  # a backlog that lasts through the stop and the rebalance after it
     data = stack.config(rate=f"{rate}/s", burst=5)
-    data["worker"]["in_flight"] = 32  # deep backlog: each worker has many events in flight
+    data["worker"]["in_flight"] = 48  # each worker has many events waiting for tokens
     config = stack.write_config(data)
     first = stack.start_worker(config)
     stack.start_worker(config)
