@@ -233,8 +233,8 @@ class EnricherApp:
         )
         committed = await _commit_acked(self.faust.consumer)
         log.info(
-            "partitions revoked: in-flight events finished or abandoned, acked offsets %s",
-            "committed" if committed else "already committed",
+            "partitions revoked: in-flight events finished or abandoned unwritten; %s",
+            "acked offsets committed" if committed else "no new acked offset to commit",
         )
 
     async def shutdown(self, grace: float) -> None:
