@@ -11,9 +11,10 @@ writes the worker's heartbeat to Redis (:mod:`enricher.heartbeat`) once its runt
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import faust
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
@@ -37,6 +38,14 @@ log = logging.getLogger(__name__)
 
 # What Faust acks: the stream the event came from, and the event.
 AckToken = tuple[Any, Any]
+
+REVOKE_WAIT_MAX = 2.0  # seconds in-flight events of revoked partitions get before abandoned
+
+
+def revoke_wait(config: Config) -> float:
+    """How long a rebalance waits for in-flight events of revoked partitions: short, since
+    every member of the group waits for this one to rejoin."""
+    return min(REVOKE_WAIT_MAX, config.kafka.rebalance_timeout / 3)
 
 
 def faust_settings(config: Config, *, web_port: int) -> dict[str, Any]:
@@ -127,6 +136,7 @@ class EnricherApp:
         self._heartbeat: Heartbeat | None = None
         self._runtime: Runtime[AckToken] | None = None
         self._ready = asyncio.Event()
+        self._revoked_generation: int | None = None  # events read in it are stale
         self.input_topic = self._topic(config.topics.input)
         self.replay_topic = self._topic(config.topics.replay)
         self.output_topics = [
@@ -136,7 +146,7 @@ class EnricherApp:
         self.faust.agent(self.input_topic, name="enrich", concurrency=1)(self._live_agent)
         self.faust.agent(self.replay_topic, name="replay", concurrency=1)(self._replay_agent)
         self.faust.task(self._start_runtime)
-        self.faust.on_partitions_revoked.connect(cast(Any, self._on_revoked))
+        self.faust.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
     def _topic(self, name: str) -> Any:
         return self.faust.topic(
@@ -160,6 +170,7 @@ class EnricherApp:
             self.config, sink=self.serving.wrap(FaustSink(self.faust)), release=_ack
         )
         self.monitor.attach(self._runtime)
+        _before_revocation(self.faust.consumer, self._settle_revoked)
         self._heartbeat = Heartbeat(self.monitor, self._runtime.redis)
         self._heartbeat.start()
         self._ready.set()
@@ -172,7 +183,7 @@ class EnricherApp:
 
     async def _live_agent(self, stream: Any) -> None:
         runtime = await self._started()
-        await _feed(stream, runtime.pipeline, _live_record)
+        await _feed(stream, runtime.pipeline, _live_record, self._current)
 
     async def _replay_agent(self, stream: Any) -> None:
         runtime = await self._started()
@@ -190,18 +201,41 @@ class EnricherApp:
                 origin=parse_origin(headers.get(ORIGIN_HEADER)),
             )
 
-        await _feed(stream, runtime.replay_pipeline, replayed)
+        await _feed(stream, runtime.replay_pipeline, replayed, self._current)
 
     async def _started(self) -> Runtime[AckToken]:
         await self._ready.wait()
         assert self._runtime is not None
         return self._runtime
 
-    async def _on_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
-        if self._runtime is not None:
-            tps = [(tp.topic, tp.partition) for tp in revoked]
-            self._runtime.pipeline.revoke(tps)
-            self._runtime.replay_pipeline.revoke(tps)
+    def _current(self, event: Any) -> bool:
+        """False for an event read before a revocation began (its partition's next owner,
+        maybe this worker again, reads it from the committed offset)."""
+        generation = getattr(event.message, "generation_id", None)
+        return generation != self._revoked_generation or generation is None
+
+    async def _on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
+        if self.faust.consumer_generation_id == self._revoked_generation:
+            self._revoked_generation = None  # no new generation (not seen with Kafka): go on
+
+    async def _settle_revoked(self, revoked: Any) -> None:
+        """Before Faust drops its uncommitted acks of ``revoked``: stop feeding events read so
+        far, give the in-flight ones of those partitions a short wait, abandon the rest, and
+        commit what is acked while the partitions are still ours."""
+        runtime = self._runtime
+        if runtime is None or not revoked:
+            return
+        self._revoked_generation = self.faust.consumer_generation_id
+        tps = [(tp.topic, tp.partition) for tp in revoked]
+        wait = revoke_wait(self.config)
+        await asyncio.gather(
+            runtime.pipeline.revoke(tps, wait), runtime.replay_pipeline.revoke(tps, wait)
+        )
+        committed = await _commit_acked(self.faust.consumer)
+        log.info(
+            "partitions revoked: in-flight events finished or abandoned unwritten; %s",
+            "acked offsets committed" if committed else "no new acked offset to commit",
+        )
 
     async def shutdown(self, grace: float) -> None:
         """Finish or abandon in-flight events before Faust commits and stops; then remove the
@@ -220,6 +254,8 @@ class EnricherApp:
             extra={"worker": self.monitor.worker, "in_flight": in_flight},
         )
         await runtime.drain(grace)
+        if await _commit_acked(self.faust.consumer):  # before Faust stops and leaves the group
+            log.info("worker %s committed its acked offsets", self.monitor.worker)
         if self._heartbeat is not None:
             await self._heartbeat.close()
         await runtime.disconnect()
@@ -227,16 +263,46 @@ class EnricherApp:
 
 
 async def _feed(
-    stream: Any, pipeline: Pipeline[AckToken], to_record: Callable[[Any], Awaitable[InputRecord]]
+    stream: Any,
+    pipeline: Pipeline[AckToken],
+    to_record: Callable[[Any], Awaitable[InputRecord]],
+    current: Callable[[Any], bool],
 ) -> None:
     """The agent loop: hand each event to the pipeline, which acks it (in offset order) once its
-    output is written. Faust's own acks are off (PITFALLS 1, 2)."""
+    output is written. Faust's own acks are off (PITFALLS 1, 2). Events that are no longer
+    ``current`` (read before a revocation) are dropped unacked."""
     manual = stream.noack()
     async for event in manual.events():
+        if not current(event):
+            continue
         try:
-            await pipeline.submit(await to_record(event.message), (manual, event))
+            record = await to_record(event.message)
+            await pipeline.submit(record, (manual, event), functools.partial(current, event))
         except ShuttingDown:
             break
+
+
+def _before_revocation(consumer: Any, settle: Callable[[Any], Awaitable[None]]) -> None:
+    """Run ``settle(revoked)`` when partitions are revoked, *before* Faust's consumer drops the
+    acks it has not committed yet for them (it does so first thing, then runs the app's
+    handlers), so what was written can still be committed."""
+    original = consumer.on_partitions_revoked
+
+    async def on_partitions_revoked(revoked: Any) -> None:
+        try:
+            await settle(revoked)
+        except Exception:  # never break the rebalance: at worst some events are done twice
+            log.exception("settling revoked partitions failed")
+        await original(revoked)
+
+    consumer.on_partitions_revoked = on_partitions_revoked
+
+
+async def _commit_acked(consumer: Any) -> bool:
+    """Commit every acked offset now. Faust's ``commit`` does nothing while another commit
+    runs (that one may predate our last acks), so wait for it first."""
+    await consumer.maybe_wait_for_commit_to_finish()
+    return bool(await consumer.commit())
 
 
 async def _live_record(message: Any) -> InputRecord:

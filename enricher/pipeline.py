@@ -5,6 +5,11 @@ The Faust agent hands every consumed record to :meth:`Pipeline.submit` (agent co
 read-ahead. Each event runs as its own task: wait for the previous event of its key, enrich,
 write the output or dead letter and wait for the broker's acknowledgement, then mark the offset
 finished. Tokens (Faust events) are released to the acker strictly in offset order per partition.
+
+Writes of one partition also *begin* in offset order (an event enriched early waits for every
+earlier offset's write to begin), so what is written is always a prefix of what is submitted: at a
+stop or a revocation, events that have not begun writing are abandoned (never written), writes
+that have begun are awaited and acked, and the commit then covers every output written.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from .config import TopicSettings
 from .enrich import DeadLetter, Enriched, Enricher, Outcome
@@ -84,6 +89,7 @@ class Pipeline(Generic[T]):
         replays: ReplayHooks | None = None,
         write_retry_delay: float = 1.0,
         cancel_poll: float = 0.1,
+        write_wait: float = 2.0,
     ) -> None:
         self._enricher = enricher
         self._sink = sink
@@ -95,6 +101,10 @@ class Pipeline(Generic[T]):
         self._slots = asyncio.Semaphore(in_flight)
         self._tracker: OffsetTracker[T] = OffsetTracker()
         self._keys = KeySequencer()
+        self._writes = KeySequencer()  # per partition: writes begin in offset order
+        self._write_wait = write_wait  # how long begun writes get once events are abandoned
+        self._writing: set[asyncio.Task[None]] = set()
+        self._task_tps: dict[asyncio.Task[None], Hashable] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._to_release: deque[T] = deque()
         self._releasing = False
@@ -106,69 +116,123 @@ class Pipeline(Generic[T]):
         """In-flight offsets per partition (read-only use: status and health)."""
         return self._tracker
 
-    async def submit(self, record: InputRecord, token: T) -> None:
+    async def submit(
+        self, record: InputRecord, token: T, current: Callable[[], bool] | None = None
+    ) -> bool:
         """Start enriching ``record``; waits while ``in_flight`` events are already running.
 
         Call in consumption order (one caller): offsets and key order are registered here.
         Raises ShuttingDown once :meth:`close` has begun; the record then stays unacked.
+        ``current`` is asked once a slot is free: False (its partition was revoked meanwhile)
+        drops the record unacked, and ``submit`` returns False.
         """
         await self._slots.acquire()
         if self._closing:
             self._slots.release()
             raise ShuttingDown("pipeline is closing")
+        if current is not None and not current():
+            self._slots.release()
+            return False
         tp = (record.topic, record.partition)
         epoch = self._tracker.start(tp, record.offset, token)
         previous, turn = self._keys.enter(record.key)
+        written = self._writes.enter(tp)
         self.stats.submitted += 1
-        task = asyncio.create_task(self._run(record, tp, epoch, previous, turn))
+        task = asyncio.create_task(self._run(record, tp, epoch, (previous, turn), written))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._task_tps[task] = tp
+        task.add_done_callback(self._forget_task)
+        return True
 
-    def revoke(self, tps: Iterable[Hashable]) -> None:
-        """Partitions were taken away: their in-flight events will not be acked by us."""
-        self._tracker.forget(tps)
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._task_tps.pop(task, None)
+
+    async def revoke(self, tps: Iterable[Hashable], wait: float = 0.0) -> None:
+        """Partitions are being taken away: give their in-flight events ``wait`` seconds to
+        finish (and be acked), abandon the rest (writes already begun are awaited), then forget
+        the partitions: nothing of theirs is acked by us afterwards. Call before the commit
+        that precedes the revocation."""
+        revoked = set(tps)
+        tasks = {task for task, tp in self._task_tps.items() if tp in revoked}
+        if tasks and wait > 0:
+            await asyncio.wait(tasks, timeout=wait)
+        await self._abandon(tasks)
+        self._tracker.forget(revoked)
 
     async def close(self, grace: float) -> None:
         """Stop taking events; give running ones ``grace`` seconds to finish, abandon the rest.
 
-        Abandoned events are never acked, so they are processed again after a restart.
+        Abandoned events are never written nor acked, so they are processed again after a
+        restart; writes already begun get up to ``write_wait`` more seconds to be acknowledged.
         """
         self._closing = True
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in list(self._tasks):
+        await self._abandon(set(self._tasks))
+
+    async def _abandon(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Cancel ``tasks`` that have not begun writing; let begun writes finish (and ack)
+        within ``write_wait`` seconds, then cancel those too."""
+        for task in tasks:
+            if task not in self._writing:
+                task.cancel()
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=self._write_wait)
+        for task in late:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(
         self,
         record: InputRecord,
         tp: Hashable,
         epoch: int,
-        previous: asyncio.Future[bool] | None,
-        turn: asyncio.Future[bool],
+        key_turn: tuple[asyncio.Future[bool] | None, asyncio.Future[bool]],
+        write_turn: tuple[asyncio.Future[bool] | None, asyncio.Future[bool]],
     ) -> None:
+        task = cast(asyncio.Task[None], asyncio.current_task())
+        try:
+            if await self._process(record, tp, key_turn, write_turn, task):
+                await self._release_in_order(self._tracker.finish(tp, record.offset, epoch))
+        finally:
+            self._writing.discard(task)
+
+    async def _process(
+        self,
+        record: InputRecord,
+        tp: Hashable,
+        key_turn: tuple[asyncio.Future[bool] | None, asyncio.Future[bool]],
+        write_turn: tuple[asyncio.Future[bool] | None, asyncio.Future[bool]],
+        task: asyncio.Task[None],
+    ) -> bool:
+        """Enrich, then (once every earlier offset of the partition has begun writing) write;
+        True when the output or dead letter is acknowledged."""
+        (previous, turn), (previous_write, my_write) = key_turn, write_turn
         completed = False
         try:
             if previous is None or await asyncio.shield(previous):
                 outcome = await self._enrich(record)
-                if outcome is not None:
-                    kind = outcome.error.kind if isinstance(outcome, DeadLetter) else None
-                    await self._write(output_for(record, outcome, self._topics), record, kind)
-                await self._record_replay_outcome(record, outcome)
-                completed = True
+                if previous_write is None or await asyncio.shield(previous_write):
+                    self._writing.add(task)  # _abandon lets it finish from here on
+                    self._writes.leave(tp, my_write, completed=True)
+                    if outcome is not None:
+                        kind = outcome.error.kind if isinstance(outcome, DeadLetter) else None
+                        await self._write(output_for(record, outcome, self._topics), record, kind)
+                    await self._record_replay_outcome(record, outcome)
+                    completed = True
         except (ShuttingDown, asyncio.CancelledError):
             pass  # left unacked: it will be consumed again
         except Exception:  # a bug; never let it kill the agent or lose the event silently
             log.exception("unexpected error enriching %s; left unacked", record.source)
         finally:
             self._keys.leave(record.key, turn, completed=completed)
+            self._writes.leave(tp, my_write, completed=False)  # no-op once writing began
             self._slots.release()
             if not completed:
                 self.stats.abandoned += 1
-        if completed:
-            await self._release_in_order(self._tracker.finish(tp, record.offset, epoch))
+        return completed
 
     async def _enrich(self, record: InputRecord) -> Outcome | None:
         """The event's outcome; None when its replay was cancelled (no output, no more calls)."""

@@ -131,8 +131,9 @@ class Runtime(Generic[T]):
 
     async def drain(self, grace: float) -> None:
         """Take no new event; let in-flight ones finish (tokens still granted) within ``grace``;
-        then cancel what is left (token waits included: PITFALLS 5), leaving it unacked.
-        Bounded by ``grace``, so no supervisor has to SIGKILL us."""
+        then cancel what has not begun writing (token waits included: PITFALLS 5), leaving it
+        unwritten and unacked; writes already begun get a little longer to be acknowledged.
+        Bounded (``grace`` + the pipeline's ``write_wait``), so no supervisor has to SIGKILL us."""
         await asyncio.gather(self.pipeline.close(grace), self.replay_pipeline.close(grace))
         await self.caller.close()  # calls held by an open circuit raise ShuttingDown
 

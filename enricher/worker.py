@@ -23,7 +23,8 @@ SHUTDOWN_GRACE = 5.0  # seconds running calls get to finish on SIGTERM before be
 
 
 class EnricherWorker(faust.Worker):
-    """A Faust worker that drains the pipeline before Faust stops the consumer and commits.
+    """A Faust worker that drains the pipeline and commits what it acked before Faust stops the
+    consumer and leaves the group.
 
     With ``log_format="json"`` every log record (ours and Faust's) is one JSON line, and Faust's
     banner and spinner are off, so standard output holds nothing but JSON lines."""

@@ -100,18 +100,31 @@ async def until(predicate: Any, timeout: float = 2.0) -> None:
             await asyncio.sleep(0.001)
 
 
-async def test_acks_wait_for_slow_offset_zero() -> None:
+async def test_acks_and_writes_wait_for_slow_offset_zero() -> None:
     client, sink = ScriptedClient(), MemorySink()
     pipeline, acked, _ = make(client, sink)
     for offset in range(4):
         await pipeline.submit(rec(offset, f"ip{offset}"), offset)
     for offset in (1, 2, 3):
         client.gate(f"ip{offset}").set()
-    await until(lambda: len(sink.records) == 3)
-    assert acked == []  # offset 0 still in flight: nothing may be acked past it
+    await until(lambda: client.running == 1)
+    await asyncio.sleep(0.01)
+    # offset 0 still in flight: nothing past it is written (it could not be committed) or acked
+    assert sink.records == [] and acked == []
     client.gate("ip0").set()
     await until(lambda: len(acked) == 4)
     assert acked == [0, 1, 2, 3]
+    assert [json.loads(r.value)["ip"] for r in sink.records] == ["ip0", "ip1", "ip2", "ip3"]
+
+
+async def test_other_partitions_are_written_past_a_slow_one() -> None:
+    client, sink = ScriptedClient(), MemorySink()
+    pipeline, acked, _ = make(client, sink)
+    await pipeline.submit(rec(0, "slow", partition=0), 0)
+    await pipeline.submit(rec(0, "fast", partition=1), 1)
+    client.gate("fast").set()
+    await until(lambda: acked == [1])
+    assert [json.loads(r.value)["ip"] for r in sink.records] == ["fast"]
 
 
 async def test_same_key_emits_in_input_order_while_others_overlap() -> None:
@@ -123,11 +136,11 @@ async def test_same_key_emits_in_input_order_while_others_overlap() -> None:
     await until(lambda: client.calls == ["a1", "b1"])  # a2 waits for a1
     client.gate("a2").set()
     client.gate("b1").set()
-    await until(lambda: len(sink.records) == 1)
+    await until(lambda: client.running == 1)  # b1 enriched, its write waits for offsets 0, 1
     client.gate("a1").set()
     await until(lambda: len(acked) == 3)
     order = [json.loads(r.value)["ip"] for r in sink.records]
-    assert order == ["b1", "a1", "a2"]
+    assert order == ["a1", "a2", "b1"]  # one partition: written in offset order
     assert acked == [0, 1, 2]
 
 
@@ -201,12 +214,33 @@ async def test_close_abandons_waiting_events_unacked_and_stops_submits() -> None
         await pipeline.submit(rec(2, "late"), 2)
 
 
-async def test_revoked_partition_is_never_acked() -> None:
+async def test_revoke_acks_what_finishes_in_time_and_abandons_the_rest_unwritten() -> None:
     client, sink = ScriptedClient(), MemorySink()
     pipeline, acked, _ = make(client, sink)
-    await pipeline.submit(rec(0, "x", partition=1), 0)
-    pipeline.revoke([("events", 1)])
+    await pipeline.submit(rec(0, "quick", partition=1), 0)
+    await pipeline.submit(rec(1, "stuck", partition=1), 1)
+    await pipeline.submit(rec(2, "done-late", partition=1), 2)
+    await pipeline.submit(rec(0, "kept", partition=2), 3)
+    client.gate("done-late").set()  # enriched, but its write waits for offset 1
+    revoking = asyncio.create_task(pipeline.revoke([("events", 1)], wait=0.2))
+    client.gate("quick").set()
+    await asyncio.wait_for(revoking, 2)
+    assert acked == [0]  # finished within the wait: acked before the commit that follows
+    assert [json.loads(r.value)["ip"] for r in sink.records] == ["quick"]  # nothing else written
+    client.gate("stuck").set()
+    client.gate("kept").set()
+    await until(lambda: acked == [0, 3])  # the partition kept goes on
+    # a record read before the revocation is dropped once it gets a slot
+    assert not await pipeline.submit(rec(3, "stale", partition=1), 4, lambda: False)
+    assert pipeline.tracker.in_flight() == 0
+
+
+async def test_close_lets_a_begun_write_finish_and_ack() -> None:
+    client, sink = ScriptedClient(), MemorySink()
+    pipeline, acked, _ = make(client, sink)
+    sink.failures_left = 30  # the broker is briefly away: the write is retried
     client.gate("x").set()
-    await until(lambda: len(sink.records) == 1)
-    await asyncio.sleep(0.01)
-    assert acked == []
+    await pipeline.submit(rec(0, "x"), 0)
+    await until(lambda: sink.failures_left < 30)
+    await pipeline.close(grace=0.0)
+    assert acked == [0] and len(sink.records) == 1
