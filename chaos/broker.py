@@ -17,7 +17,7 @@ from .outages import IN_FLIGHT, LIMITS, RATE
 from .scenario import Result, api, finish, geo_rule, page_view
 from .stack import PARTITIONS, ChaosStack, Scene, say
 
-__all__ = ["broker_restart", "input_offsets"]
+__all__ = ["broker_restart", "input_records"]
 
 WORKERS = 2
 LOAD = 30.0  # events/s, under the API's 50/s
@@ -46,13 +46,13 @@ async def _run(result: Result, scene: Scene, kafka: EmbeddedKafka, outage: float
     await scene.wait_for("first output", lambda: bool(scene.seen), 60)
     restarts: list[dict[str, object]] = []
 
-    async def restart(how: str, stop: Callable[[], None]) -> float:
+    async def restart(how: str, stop: Callable[[], None]) -> tuple[float, int]:
         before = await scene.committed()
         say(f"  broker {how}, down for {outage:g} s")
         await asyncio.to_thread(stop)
         await asyncio.sleep(outage)
         await kafka.astart()
-        back = time.time()
+        back, acked = time.time(), len(scene.produced)
         say("  broker back on the same port")
         after = await scene.committed()
         kept = all(after.get(p, -1) >= offset for p, offset in before.items())
@@ -62,9 +62,9 @@ async def _run(result: Result, scene: Scene, kafka: EmbeddedKafka, outage: float
             kept and bool(before),
             f"{before} -> {after}",
         )
-        return back
+        return back, acked
 
-    async def outages() -> list[float]:
+    async def outages() -> list[tuple[float, int]]:
         await asyncio.sleep(6)
         first = await restart("SIGTERM", kafka.stop)
         await asyncio.sleep(8)
@@ -75,33 +75,36 @@ async def _run(result: Result, scene: Scene, kafka: EmbeddedKafka, outage: float
         await scene.produce_paced(lambda i: page_view(i + 5), LOAD, 2 * outage + 22)
         backs = await task
     await scene.drain(120)
+    nexts = [_first_after(scene, back, set(scene.produced)) for back, _ in backs]
+    resumed = [_first_after(scene, back, set(scene.produced[n:])) for back, n in backs]
     await _account_unacked(result, scene)
     finish(result, scene, LIMITS, allow_duplicates=len(backs) * 2 * WORKERS * IN_FLIGHT)
-    resumed = [_resumed_after(scene, back) for back in backs]
-    result.recover_s = max(min(firsts.values(), default=float("inf")) for firsts in resumed)
+    result.recover_s = max(min(firsts.values(), default=float("inf")) for firsts in nexts)
     every = [max(firsts.values(), default=float("inf")) for firsts in resumed]
     result.figures |= {
         "outage_s": outage,
-        "next_output_s": [round(min(f.values(), default=float("inf")), 2) for f in resumed],
-        "every_partition_s": [round(s, 2) for s in every],
+        "next_output_s": [round(min(f.values(), default=float("inf")), 2) for f in nexts],
+        "every_partition_output_s": [round(max(f.values(), default=-1), 2) for f in nexts],
+        "every_partition_resumed_s": [round(s, 2) for s in every],
         "restarts": restarts,
     }
     partitions = len(resumed[-1])
     result.check(
         "every partition resumes, no worker restarted",
         partitions == PARTITIONS and len(scene.workers) == WORKERS,
-        f"{partitions}/{PARTITIONS} input partitions wrote after the last restart, "
-        f"the last {max(every):.1f} s after it",
+        f"{partitions}/{PARTITIONS} input partitions output an input written after the last "
+        f"restart, the last {max(every):.1f} s after it",
     )
 
 
-def _resumed_after(scene: Scene, since: float) -> dict[str, float]:
-    """Per input partition, the seconds from ``since`` to its first record after ``since``."""
+def _first_after(scene: Scene, since: float, sources: set[str]) -> dict[str, float]:
+    """Per input partition, the seconds from ``since`` to its first record (after ``since``) for
+    one of ``sources``."""
     firsts: dict[str, float] = {}
     for when, source in scene.arrivals:
         partition = source.rsplit("/", 1)[0]
-        if when >= since and (partition not in firsts or when - since < firsts[partition]):
-            firsts[partition] = when - since
+        if when >= since and source in sources:
+            firsts[partition] = min(firsts.get(partition, when - since), when - since)
     return firsts
 
 
@@ -117,24 +120,26 @@ def _quiet(name: str) -> Iterator[None]:
 
 
 async def _account_unacked(result: Result, scene: Scene) -> None:
-    """A produce request the broker wrote but whose ack the restart lost is retried by the
-    producer: an input offset we never heard of. Read the input topic back and hold every offset
-    in it to account (the acked ones must all be there)."""
-    stored = await input_offsets(scene, len(scene.produced))
+    """A produce request the broker wrote but whose ack the restart lost is sent again by the
+    producer: an input offset we never heard of, holding an event already in the topic. Read the
+    input topic back and hold every offset in it to account (the acked ones must all be there)."""
+    stored = await input_records(scene, len(scene.produced))
     acked = set(scene.produced)
-    missing = acked - stored
-    result.figures["written_unacked"] = len(stored - acked)
+    missing = acked - stored.keys()
+    extra = sorted(stored.keys() - acked)
+    result.figures["written_unacked"] = len(extra)
+    result.figures["inputs_written_twice"] = len(stored) - len(set(stored.values()))
     result.check("every acked input is in the topic", not missing, f"{len(missing)} missing")
-    scene.produced += sorted(stored - acked)
+    scene.produced += extra
 
 
-async def input_offsets(scene: Scene, expect: int, quiet: float = 2.0) -> set[str]:
-    """Every ``topic/partition/offset`` in the scene's input topic (read from the start until
-    ``expect`` are in and nothing more came for ``quiet`` seconds: Tansu's end offsets are
-    unreliable)."""
+async def input_records(scene: Scene, expect: int, quiet: float = 2.0) -> dict[str, bytes]:
+    """Every record of the scene's input topic by ``topic/partition/offset`` (read from the
+    start until ``expect`` are in and nothing more came for ``quiet`` seconds: Tansu's end
+    offsets are unreliable)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=scene.kafka.bootstrap, enable_auto_commit=False)
     await consumer.start()
-    found: set[str] = set()
+    found: dict[str, bytes] = {}
     try:
         tps = [TopicPartition(scene.topics["input"], p) for p in range(PARTITIONS)]
         consumer.assign(tps)
@@ -146,13 +151,17 @@ async def input_offsets(scene: Scene, expect: int, quiet: float = 2.0) -> set[st
 
 
 async def _read_until_quiet(
-    consumer: AIOKafkaConsumer, found: set[str], expect: int, quiet: float, timeout: float = 60
+    consumer: AIOKafkaConsumer,
+    found: dict[str, bytes],
+    expect: int,
+    quiet: float,
+    timeout: float = 60,
 ) -> None:
     started = last = time.monotonic()
     while time.monotonic() - started < timeout:
         batches = await consumer.getmany(timeout_ms=200)
         for tp, records in batches.items():
-            found.update(f"{tp.topic}/{tp.partition}/{r.offset}" for r in records)
+            found.update({f"{tp.topic}/{tp.partition}/{r.offset}": r.value for r in records})
             last = time.monotonic()
         if len(found) >= expect and time.monotonic() - last > quiet:
             return
