@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -20,11 +22,12 @@ from .stack import PARTITIONS, ChaosStack, Scene, say
 __all__ = ["broker_restart", "input_records"]
 
 WORKERS = 2
-LOAD = 30.0  # events/s, under the API's 50/s
+LOAD = 20.0  # events/s, under the API's 50/s: the backlog of an outage drains at 30/s
+BETWEEN = 15.0  # seconds from one restart to the next stop
 
 
 async def broker_restart(stack: ChaosStack, scale: float) -> Result:
-    """Two workers at 30 events/s; the broker is stopped (SIGTERM), then crashed (SIGKILL), each
+    """Two workers at 20 events/s; the broker is stopped (SIGTERM), then crashed (SIGKILL), each
     time started again on the same port ~10 s later: every input ends as one output, the
     committed offsets survive, and the workers carry on by themselves."""
     result, outage = Result("broker-restart"), max(5.0, 10.0 * scale)
@@ -41,59 +44,99 @@ async def broker_restart(stack: ChaosStack, scale: float) -> Result:
     return result
 
 
+@dataclass
+class _Restart:
+    """One stop and start of the broker: when, and which inputs it held up."""
+
+    how: str
+    stopped: float = 0.0
+    back: float = 0.0
+    acked_before: int = 0  # len(scene.produced) when the broker came back
+    backlog: set[str] = field(default_factory=set)  # inputs acked in its first second back
+
+
 async def _run(result: Result, scene: Scene, kafka: EmbeddedKafka, outage: float) -> None:
     await scene.produce(page_view(i) for i in range(5))
     await scene.wait_for("first output", lambda: bool(scene.seen), 60)
-    restarts: list[dict[str, object]] = []
+    restarts = [_Restart("SIGTERM"), _Restart("SIGKILL")]
 
-    async def restart(how: str, stop: Callable[[], None]) -> tuple[float, int]:
+    async def restart(r: _Restart, stop: Callable[[], None]) -> None:
         before = await scene.committed()
-        say(f"  broker {how}, down for {outage:g} s")
+        say(f"  broker {r.how}, down for {outage:g} s")
+        r.stopped = time.time()
         await asyncio.to_thread(stop)
         await asyncio.sleep(outage)
         await kafka.astart()
-        back, acked = time.time(), len(scene.produced)
+        r.back, r.acked_before = time.time(), len(scene.produced)
         say("  broker back on the same port")
         after = await scene.committed()
         kept = all(after.get(p, -1) >= offset for p, offset in before.items())
-        restarts.append({"how": how, "committed_before": before, "committed_after": after})
+        result.figures[f"committed_{r.how}"] = {"before": before, "after": after}
         result.check(
-            f"committed offsets kept across the {how}",
+            f"committed offsets kept across the {r.how}",
             kept and bool(before),
             f"{before} -> {after}",
         )
-        return back, acked
+        await asyncio.sleep(max(0.0, r.back + 1 - time.time()))
+        r.backlog = set(scene.produced[r.acked_before :])
 
-    async def outages() -> list[tuple[float, int]]:
+    async def outages() -> None:
         await asyncio.sleep(6)
-        first = await restart("SIGTERM", kafka.stop)
-        await asyncio.sleep(8)
-        return [first, await restart("SIGKILL", kafka.kill)]
+        await restart(restarts[0], kafka.stop)
+        await asyncio.sleep(BETWEEN)
+        await restart(restarts[1], kafka.kill)
 
     task = asyncio.ensure_future(outages())
     with _quiet("aiokafka"):  # our producer and tail log every failed reconnect
-        await scene.produce_paced(lambda i: page_view(i + 5), LOAD, 2 * outage + 22)
-        backs = await task
+        await scene.produce_paced(lambda i: page_view(i + 5), LOAD, 2 * outage + BETWEEN + 21)
+        await task
+    load_end = time.time()
     await scene.drain(120)
-    nexts = [_first_after(scene, back, set(scene.produced)) for back, _ in backs]
-    resumed = [_first_after(scene, back, set(scene.produced[n:])) for back, n in backs]
+    figures = _figures(scene, restarts, load_end)
     await _account_unacked(result, scene)
-    finish(result, scene, LIMITS, allow_duplicates=len(backs) * 2 * WORKERS * IN_FLIGHT)
-    result.recover_s = max(min(firsts.values(), default=float("inf")) for firsts in nexts)
-    every = [max(firsts.values(), default=float("inf")) for firsts in resumed]
-    result.figures |= {
-        "outage_s": outage,
-        "next_output_s": [round(min(f.values(), default=float("inf")), 2) for f in nexts],
-        "every_partition_output_s": [round(max(f.values(), default=-1), 2) for f in nexts],
-        "every_partition_resumed_s": [round(s, 2) for s in every],
-        "restarts": restarts,
-    }
-    partitions = len(resumed[-1])
+    finish(result, scene, LIMITS, allow_duplicates=len(restarts) * 2 * WORKERS * IN_FLIGHT)
+    result.recover_s = max(figures["next_output_s"])
+    result.figures |= {"outage_s": outage, **figures}
+    resumed = _first_after(
+        scene, restarts[-1].back, set(scene.produced[restarts[-1].acked_before :])
+    )
     result.check(
         "every partition resumes, no worker restarted",
-        partitions == PARTITIONS and len(scene.workers) == WORKERS,
-        f"{partitions}/{PARTITIONS} input partitions output an input written after the last "
-        f"restart, the last {max(every):.1f} s after it",
+        len(resumed) == PARTITIONS and len(scene.workers) == WORKERS,
+        f"{len(resumed)}/{PARTITIONS} input partitions output an input written after the last "
+        f"restart, the last {max(resumed.values(), default=float('inf')):.1f} s after it",
+    )
+
+
+def _figures(scene: Scene, restarts: list[_Restart], load_end: float) -> dict[str, list[float]]:
+    """Per restart: seconds from the broker's return to the next output, to the first output of
+    every input partition, to the last output for what was held up (the inputs acked in its
+    first second back); the longest silence of one partition until the next stop."""
+    ends = [r.stopped for r in restarts[1:]] + [load_end]
+    figures: dict[str, list[float]] = {"next_output_s": [], "every_partition_s": []}
+    figures |= {"backlog_drained_s": [], "longest_partition_silence_s": []}
+    for r, end in zip(restarts, ends, strict=True):
+        firsts = _first_after(scene, r.back, set(scene.produced))
+        drained = [when for when, source in scene.arrivals if source in r.backlog]
+        figures["next_output_s"].append(round(min(firsts.values(), default=float("inf")), 2))
+        figures["every_partition_s"].append(round(max(firsts.values(), default=float("inf")), 2))
+        figures["backlog_drained_s"].append(round(max(drained, default=float("inf")) - r.back, 2))
+        figures["longest_partition_silence_s"].append(
+            round(_longest_silence(scene, r.back, end), 2)
+        )
+    return figures
+
+
+def _longest_silence(scene: Scene, start: float, end: float) -> float:
+    """The longest time, from ``start`` to ``end`` (edges included), that one input partition
+    wrote nothing."""
+    times: dict[str, list[float]] = {f"{scene.topics['input']}/{p}": [] for p in range(PARTITIONS)}
+    for when, source in scene.arrivals:
+        if start <= when <= end:
+            times.setdefault(source.rsplit("/", 1)[0], []).append(when)
+    return max(
+        max(b - a for a, b in itertools.pairwise([start, *sorted(ts), end]))
+        for ts in times.values()
     )
 
 
