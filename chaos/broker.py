@@ -117,10 +117,10 @@ def _figures(scene: Scene, restarts: list[_Restart], load_end: float) -> dict[st
     figures |= {"backlog_drained_s": [], "longest_partition_silence_s": []}
     for r, end in zip(restarts, ends, strict=True):
         firsts = _first_after(scene, r.back, set(scene.produced))
-        drained = [when for when, source in scene.arrivals if source in r.backlog]
+        drained = _first_after(scene, r.back, r.backlog, by=lambda source: source).values()
         figures["next_output_s"].append(round(min(firsts.values(), default=float("inf")), 2))
         figures["every_partition_s"].append(round(max(firsts.values(), default=float("inf")), 2))
-        figures["backlog_drained_s"].append(round(max(drained, default=float("inf")) - r.back, 2))
+        figures["backlog_drained_s"].append(round(max(drained, default=float("inf")), 2))
         figures["longest_partition_silence_s"].append(
             round(_longest_silence(scene, r.back, end), 2)
         )
@@ -133,21 +133,27 @@ def _longest_silence(scene: Scene, start: float, end: float) -> float:
     times: dict[str, list[float]] = {f"{scene.topics['input']}/{p}": [] for p in range(PARTITIONS)}
     for when, source in scene.arrivals:
         if start <= when <= end:
-            times.setdefault(source.rsplit("/", 1)[0], []).append(when)
+            times.setdefault(_partition(source), []).append(when)
     return max(
         max(b - a for a, b in itertools.pairwise([start, *sorted(ts), end]))
         for ts in times.values()
     )
 
 
-def _first_after(scene: Scene, since: float, sources: set[str]) -> dict[str, float]:
-    """Per input partition, the seconds from ``since`` to its first record (after ``since``) for
-    one of ``sources``."""
+def _partition(source: str) -> str:
+    return source.rsplit("/", 1)[0]
+
+
+def _first_after(
+    scene: Scene, since: float, sources: set[str], by: Callable[[str], str] = _partition
+) -> dict[str, float]:
+    """Per ``by(source)`` (default: input partition), the seconds from ``since`` to the first
+    record, after ``since``, for one of ``sources``."""
     firsts: dict[str, float] = {}
     for when, source in scene.arrivals:
-        partition = source.rsplit("/", 1)[0]
         if when >= since and source in sources:
-            firsts[partition] = min(firsts.get(partition, when - since), when - since)
+            key = by(source)
+            firsts[key] = min(firsts.get(key, when - since), when - since)
     return firsts
 
 
