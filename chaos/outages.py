@@ -181,8 +181,8 @@ async def redis_empty(stack: ChaosStack, scale: float) -> Result:
 
 async def broker_outage(stack: ChaosStack, scale: float) -> Result:
     """The broker frozen (SIGSTOP) for 15 s under load, then resumed: the workers resume by
-    themselves, nothing lost. (Tansu keeps its data in memory: a real restart loses every topic,
-    so a frozen broker stands in for one that is down and comes back.)"""
+    themselves, nothing lost. (A hung broker: connections stay open and requests time out;
+    ``broker-restart`` in ``broker.py`` stops and restarts one on S3 storage.)"""
     result, outage = Result("broker-outage"), max(5.0, 15.0 * scale)
     scene = await _scene(stack, "broker", 2)
     pid = stack.kafka.pid

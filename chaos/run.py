@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .broker import broker_restart
 from .faults import api_faults, poison
 from .outages import broker_outage, crashes, redis_down, redis_empty, sigterm
 from .scenario import Result, Scenario, fmt_seconds
@@ -33,6 +34,11 @@ SCENARIOS = (
         "redis-empty", "Redis killed and restarted empty 3 times, load over limit", redis_empty
     ),
     Scenario("broker-outage", "broker frozen 15 s under load, then resumed", broker_outage),
+    Scenario(
+        "broker-restart",
+        "broker (S3 storage) stopped, then killed, under load; back 10 s later",
+        broker_restart,
+    ),
     Scenario(
         "api-faults",
         "5xx, 429 (+absurd Retry-After), timeout, reset, non-JSON, 50 MB, slow drip",

@@ -182,8 +182,17 @@ class Worker:
 class Scene:
     """One scenario's topics, consumer group, config, workers, produced offsets and tail."""
 
-    def __init__(self, stack: ChaosStack, name: str, *, redis_url: str | None = None) -> None:
+    def __init__(
+        self,
+        stack: ChaosStack,
+        name: str,
+        *,
+        redis_url: str | None = None,
+        kafka: EmbeddedKafka | None = None,
+    ) -> None:
+        """``kafka``: a broker of the scenario's own instead of the stack's."""
         self.stack, self.name = stack, name
+        self.kafka = kafka or stack.kafka
         suffix = uuid.uuid4().hex[:8]
         self.app_id = f"chaos-{name}-{suffix}"
         self.dir = stack.workdir / self.app_id
@@ -216,7 +225,7 @@ class Scene:
         data = {
             "app_id": self.app_id,
             "kafka": {
-                "broker": self.stack.kafka.url,
+                "broker": self.kafka.url,
                 "partitions": PARTITIONS,
                 "rebalance_timeout": "3s",
                 "session_timeout": "3s",
@@ -232,16 +241,16 @@ class Scene:
 
     async def start(self) -> None:
         """Create the topics; start the producer, the tail and the RSS sampler."""
-        await create_topics(self.stack.kafka.url, self.topics.values(), PARTITIONS)
+        await create_topics(self.kafka.url, self.topics.values(), PARTITIONS)
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.stack.kafka.bootstrap,
+            bootstrap_servers=self.kafka.bootstrap,
             acks="all",
             max_request_size=4 * 1024 * 1024,
             request_timeout_ms=60_000,
         )
         await self._producer.start()
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.stack.kafka.bootstrap,
+            bootstrap_servers=self.kafka.bootstrap,
             enable_auto_commit=False,
             fetch_max_bytes=16 * 1024 * 1024,
             max_partition_fetch_bytes=8 * 1024 * 1024,
@@ -349,7 +358,7 @@ class Scene:
         """The group's committed offset per input partition (through a consumer of the group
         that subscribes to nothing: aiokafka's admin client cannot decode Tansu's reply)."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.stack.kafka.bootstrap,
+            bootstrap_servers=self.kafka.bootstrap,
             group_id=self.app_id,
             enable_auto_commit=False,
         )

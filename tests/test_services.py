@@ -26,6 +26,8 @@ from enricher.services import (
     TANSU_BIN_ENV,
     EmbeddedKafka,
     EmbeddedRedis,
+    EmbeddedS3,
+    S3Storage,
     find_free_port,
     redis_server_binary,
     tansu_binary,
@@ -173,6 +175,68 @@ async def test_kafka_roundtrip_restart_and_topic_creation(kafka_broker: Embedded
     await kafka_broker.astart()  # same port, memory storage: an empty broker
     assert await create_topics(kafka_broker.url, ["a"], 2) == ["a"]
     assert await roundtrip(kafka_broker, "a") == b"hello"
+
+
+def test_kafka_storage_setting_reaches_tansu() -> None:
+    memory = EmbeddedKafka(port=1, binary="/bin/tansu")
+    assert memory._command("/tmp")[-2:] == ["--storage-engine", "memory://tansu/"]
+    storage = S3Storage("http://127.0.0.1:9", bucket="b", secret_access_key="s3cret")
+    s3 = EmbeddedKafka(port=1, binary="/bin/tansu", storage=storage)
+    assert s3._command("/tmp")[-2:] == ["--storage-engine", "s3://b/"]
+    assert "s3cret" not in " ".join(s3._command("/tmp"))  # the keys go in the environment
+    env = s3._env()
+    assert env["AWS_ENDPOINT"] == "http://127.0.0.1:9" and env["AWS_ALLOW_HTTP"] == "true"
+    assert env["AWS_SECRET_ACCESS_KEY"] == "s3cret"
+
+
+async def test_kafka_on_s3_keeps_records_and_offsets_across_a_crash() -> None:
+    async with EmbeddedS3() as s3, EmbeddedKafka(storage=s3.storage) as broker:
+        await create_topics(broker.url, ["kept"], 2)
+        written = await roundtrip(broker, "kept")
+        tp = TopicPartition("kept", 0)
+        await commit_offset(broker, tp, 1)
+        port = broker.port
+        await asyncio.to_thread(broker.kill)  # SIGKILL: nothing flushed on the way out
+        await broker.astart()
+        assert broker.port == port
+        assert await committed_offset(broker, tp) == 1
+        assert await read_first(broker, tp) == written == b"hello"
+
+
+async def commit_offset(broker: EmbeddedKafka, tp: TopicPartition, offset: int) -> None:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker.bootstrap, group_id="g", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.commit({tp: offset})
+    finally:
+        await consumer.stop()
+
+
+async def committed_offset(broker: EmbeddedKafka, tp: TopicPartition) -> int | None:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker.bootstrap, group_id="g", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        offset: int | None = await consumer.committed(tp)
+        return offset
+    finally:
+        await consumer.stop()
+
+
+async def read_first(broker: EmbeddedKafka, tp: TopicPartition) -> bytes:
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        record = await asyncio.wait_for(consumer.getone(), 10)
+        return bytes(record.value)
+    finally:
+        await consumer.stop()
 
 
 async def partition_counts(broker: EmbeddedKafka, topics: list[str]) -> dict[str, int]:
