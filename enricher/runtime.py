@@ -22,7 +22,7 @@ from .config import Config
 from .enrich import Enricher
 from .lanes import Lane
 from .limiter import RedisLimiter
-from .metrics import MeteredClient, MeteredLimiter, WorkerStats, attempt_trace
+from .metrics import MeteredClient, MeteredLimiter, WorkerStats, metered_session
 from .pipeline import Pipeline, Sink
 from .redis_cache import RedisResponseCache
 from .replay import ReplayRegistry
@@ -42,12 +42,10 @@ def connect_redis(config: Config) -> aioredis.Redis:
     )
 
 
-def http_session(stats: WorkerStats | None = None) -> aiohttp.ClientSession:
-    """The worker's single HTTP session; per-API semaphores bound what is in flight. With
-    ``stats``, every HTTP attempt is counted by result."""
+def http_session() -> aiohttp.ClientSession:
+    """The worker's single HTTP session; per-API semaphores bound what is in flight."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-    traces = [attempt_trace(stats)] if stats is not None else None
-    return aiohttp.ClientSession(connector=connector, trust_env=False, trace_configs=traces)
+    return aiohttp.ClientSession(connector=connector, trust_env=False)
 
 
 class Runtime(Generic[T]):
@@ -66,7 +64,7 @@ class Runtime(Generic[T]):
         self.config = config
         self.stats = WorkerStats(config.apis)
         self.redis = redis if redis is not None else connect_redis(config)
-        self.session = session if session is not None else http_session(self.stats)
+        self.session = session if session is not None else http_session()
         self.limiter = RedisLimiter(
             redis=self.redis,
             app_id=config.app_id,
@@ -78,7 +76,7 @@ class Runtime(Generic[T]):
         self.caller = ApiCaller(
             apis=config.apis,
             limiter=MeteredLimiter(self.limiter, self.stats),
-            session=self.session,
+            session=metered_session(self.session, self.stats),  # HTTP attempts by result
             cache=self.cache,
             circuits=CircuitBreaker(redis=self.redis, app_id=config.app_id, apis=config.apis),
         )
