@@ -66,6 +66,9 @@ def faust_settings(config: Config, *, web_port: int) -> dict[str, Any]:
         "consumer_auto_offset_reset": config.kafka.auto_offset_reset,
         "topic_partitions": config.kafka.partitions,
         "producer_acks": -1,
+        # Outputs gather for a few ms into one produce request: one per record would cost a
+        # syscall and a broker round trip each.
+        "producer_linger": 0.005,
         "web_bind": config.worker.web_host,
         "web_host": config.worker.web_host,
         "web_port": web_port,

@@ -60,6 +60,7 @@ from .quota import (
     set_overrides,
     text,
 )
+from .script_batch import ScriptBatcher
 from .units import QuotaPeriod
 
 __all__ = [
@@ -199,7 +200,10 @@ class RedisLimiter(LimiterBase):
         self._limits = {name: Limits.of(api) for name, api in self._apis.items()}
         self._timeout = redis_timeout
         self._clock = clock
-        self._acquire_script = redis.register_script(load_script("acquire.lua"))
+        # Concurrent decisions share a pipeline: about one round trip for many calls.
+        self._acquire_batch = ScriptBatcher(
+            redis, load_script("acquire.lua"), timeout=redis_timeout
+        )
         self._block_script = redis.register_script(load_script("block.lua"))
         self._budget_script = redis.register_script(load_script("server_budget.lua"))
         self._health = _Health(on_unavailable)
@@ -208,6 +212,11 @@ class RedisLimiter(LimiterBase):
         )
         self._local_blocked: dict[str, float] = {}
         self._sights: dict[str, str] = {}  # per API, the latest sight (recovery from lost state)
+
+    async def close(self) -> None:
+        """Make pending and later ``acquire`` calls raise ShuttingDown; stop the batcher."""
+        await super().close()
+        await self._acquire_batch.close()
 
     def _check(self, api: str) -> None:
         if api not in self._apis:
@@ -221,17 +230,14 @@ class RedisLimiter(LimiterBase):
             return await self._fallback(api, now, lane)
         replay_id, share = (lane.replay_id, lane.share) if lane is not None else (None, None)
         try:
-            reply = await asyncio.wait_for(
-                self._acquire_script(
-                    keys=self._keys[api].acquire(replay_id),
-                    args=acquire_args(
-                        self._limits[api],
-                        self._max_wait,
-                        share=share,
-                        sight=self._sights.get(api, ""),
-                    ),
+            reply = await self._acquire_batch.call(
+                self._keys[api].acquire(replay_id),
+                acquire_args(
+                    self._limits[api],
+                    self._max_wait,
+                    share=share,
+                    sight=self._sights.get(api, ""),
                 ),
-                self._timeout,
             )
         except REDIS_ERRORS as exc:
             self._health.failed(self._clock(), exc)

@@ -22,7 +22,7 @@ from .config import Config
 from .enrich import Enricher
 from .lanes import Lane
 from .limiter import RedisLimiter
-from .metrics import MeteredClient, MeteredLimiter, WorkerStats, attempt_trace
+from .metrics import MeteredClient, MeteredLimiter, WorkerStats, metered_session
 from .pipeline import Pipeline, Sink
 from .redis_cache import RedisResponseCache
 from .replay import ReplayRegistry
@@ -42,12 +42,10 @@ def connect_redis(config: Config) -> aioredis.Redis:
     )
 
 
-def http_session(stats: WorkerStats | None = None) -> aiohttp.ClientSession:
-    """The worker's single HTTP session; per-API semaphores bound what is in flight. With
-    ``stats``, every HTTP attempt is counted by result."""
+def http_session() -> aiohttp.ClientSession:
+    """The worker's single HTTP session; per-API semaphores bound what is in flight."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-    traces = [attempt_trace(stats)] if stats is not None else None
-    session = aiohttp.ClientSession(connector=connector, trust_env=False, trace_configs=traces)
+    session = aiohttp.ClientSession(connector=connector, trust_env=False)
     # aiohttp (3.10+) silently sends a GET again when the connection drops: a call the API sees
     # without a token of ours. Every attempt must take its own token, so the retry policy decides.
     # No public switch; aiohttp's own test_utils sets the same attribute.
@@ -71,7 +69,7 @@ class Runtime(Generic[T]):
         self.config = config
         self.stats = WorkerStats(config.apis)
         self.redis = redis if redis is not None else connect_redis(config)
-        self.session = session if session is not None else http_session(self.stats)
+        self.session = session if session is not None else http_session()
         self.limiter = RedisLimiter(
             redis=self.redis,
             app_id=config.app_id,
@@ -83,7 +81,7 @@ class Runtime(Generic[T]):
         self.caller = ApiCaller(
             apis=config.apis,
             limiter=MeteredLimiter(self.limiter, self.stats),
-            session=self.session,
+            session=metered_session(self.session, self.stats),  # HTTP attempts by result
             cache=self.cache,
             circuits=CircuitBreaker(redis=self.redis, app_id=config.app_id, apis=config.apis),
         )

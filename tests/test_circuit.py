@@ -196,6 +196,7 @@ async def test_two_workers_share_one_circuit_and_one_probe_at_a_time(
     held_first = [asyncio.create_task(first.call("down", i)) for i in range(3)]
     assert await held(held_first, 0.2)  # first opened the circuit
     server.latency = 0.15  # probes overlap if two are ever made at once
+    server.max_in_flight = server.in_flight  # count from here: the calls that opened it may overlap
     opened_at = time.monotonic()
     held_second = [asyncio.create_task(second.call("down", 10 + i)) for i in range(3)]
     assert await held(held_first + held_second, 1.2)

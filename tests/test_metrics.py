@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from enricher.caller import ApiCaller
 from enricher.errors import CallError
 from enricher.heartbeat import BEAT_TTL
-from enricher.metrics import MeteredClient, MeteredLimiter, WorkerStats
+from enricher.metrics import MeteredClient, MeteredLimiter, WorkerStats, metered_session
 from enricher.runtime import http_session
 from enricher.sandbox import SandboxServer
 from enricher.services import find_free_port
@@ -100,7 +100,7 @@ async def scripted() -> AsyncIterator[tuple[str, deque[int]]]:
 async def test_proxies_count_calls_attempts_and_waits(scripted: tuple[str, deque[int]]) -> None:
     url, statuses = scripted
     stats = WorkerStats(["geo"])
-    session = http_session(stats)
+    session = http_session()
 
     async def no_sleep(_: float) -> None:
         pass
@@ -109,7 +109,7 @@ async def test_proxies_count_calls_attempts_and_waits(scripted: tuple[str, deque
         caller = ApiCaller(
             apis={"geo": Api("geo", f"{url}/geo/{{ip}}")},
             limiter=MeteredLimiter(SlowLimiter(), stats),
-            session=session,
+            session=metered_session(session, stats),
             sleep=no_sleep,
         )
         client = MeteredClient(caller, stats)

@@ -1,0 +1,75 @@
+"""ScriptBatcher against a private redis-server: many calls, few round trips, each its own reply."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from enricher.script_batch import ScriptBatcher
+from enricher.services import EmbeddedRedis
+
+# Adds ARGV[1] to KEYS[1] and returns the new value; fails on a non-number.
+INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+    redis = aioredis.Redis.from_url(server.url)
+    await redis.flushall()
+    await redis.script_flush()
+    yield redis
+    await redis.aclose()
+
+
+async def reads(client: aioredis.Redis) -> int:
+    return int((await client.info("stats"))["total_reads_processed"])
+
+
+async def test_concurrent_calls_share_round_trips_and_keep_order(client: aioredis.Redis) -> None:
+    batcher = ScriptBatcher(client, INCR, timeout=2.0)
+    await batcher.call(["warm"], ["1"])  # loads the script (NOSCRIPT, then again)
+    before = await reads(client)
+    replies = await asyncio.gather(*(batcher.call(["n"], ["1"]) for _ in range(200)))
+    used = await reads(client) - before - 1  # this INFO's own read left out
+    assert replies == list(range(1, 201))  # one atomic run each, in call order
+    assert used <= 5, f"{used} round trips for 200 calls"
+    await batcher.close()
+
+
+async def test_each_call_gets_its_own_error(client: aioredis.Redis) -> None:
+    batcher = ScriptBatcher(client, INCR, timeout=2.0)
+    await client.set("text", "abc")
+    good, bad = batcher.call(["n"], ["2"]), batcher.call(["text"], ["1"])
+    assert await good == 2
+    with pytest.raises(redis.exceptions.ResponseError):
+        await bad
+    await batcher.close()
+
+
+async def test_a_lost_connection_fails_every_queued_call(server: EmbeddedRedis) -> None:
+    client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    batcher = ScriptBatcher(client, INCR, timeout=2.0)
+    calls = [batcher.call(["n"], ["1"]) for _ in range(3)]
+    for call in calls:
+        with pytest.raises((redis.exceptions.ConnectionError, OSError)):
+            await call
+    await batcher.close()
+    await client.aclose()
+
+
+async def test_close_fails_queued_calls(client: aioredis.Redis) -> None:
+    batcher = ScriptBatcher(client, INCR, timeout=2.0)
+    call = batcher.call(["n"], ["1"])
+    await batcher.close()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await call
