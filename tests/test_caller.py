@@ -10,6 +10,7 @@ import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -20,32 +21,13 @@ from enricher.caller import ApiCaller, decode_json
 from enricher.errors import CallError, InvalidEvent, ShuttingDown
 from enricher.lanes import Lane
 
+from .fakes import FakeApi, FakeRetry
+
 CANARY = "canary-SECRET-123"
 
 
-@dataclass(frozen=True)
-class Retry:
-    attempts: int = 3
-    backoff_min: float = 0.1
-    backoff_max: float = 1.0
-    on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
-    max_retry_after: float = 300.0
-    deadline: float = 30.0
-    budget: float = 0.2
-
-
-@dataclass(frozen=True)
-class Api:
-    name: str
-    url: str
-    method: str = "GET"
-    headers: Mapping[str, str] = field(default_factory=lambda: {"X-Api-Key": CANARY})
-    timeout: float = 2.0
-    concurrency: int = 32
-    retry: Retry = Retry()
-    max_response_bytes: int = 4096
-    cache_ttl: float = 0.0
-    cache_not_found_ttl: float = 0.0
+Retry = FakeRetry
+Api = partial(FakeApi, headers={"X-Api-Key": CANARY})
 
 
 class FakeLimiter:

@@ -7,8 +7,8 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -24,6 +24,7 @@ from enricher.runtime import http_session
 from enricher.sandbox import SandboxServer
 from enricher.services import find_free_port
 
+from .fakes import FakeApi, FakeRetry
 from .harness import Stack
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -44,29 +45,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 # --- the proxies -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Retry:
-    attempts: int = 3
-    backoff_min: float = 0.01
-    backoff_max: float = 0.01
-    on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
-    max_retry_after: float = 300.0
-    deadline: float = 30.0
-    budget: float = 0.2
-
-
-@dataclass(frozen=True)
-class Api:
-    name: str
-    url: str
-    method: str = "GET"
-    headers: Mapping[str, str] = field(default_factory=dict)
-    timeout: float = 2.0
-    concurrency: int = 8
-    retry: Retry = Retry()
-    max_response_bytes: int = 4096
-    cache_ttl: float = 0.0
-    cache_not_found_ttl: float = 0.0
+Api = partial(FakeApi, concurrency=8, retry=FakeRetry(backoff_min=0.01, backoff_max=0.01))
 
 
 class SlowLimiter:

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from functools import partial
 
 import pytest
 
 from enricher.errors import CallError, ShuttingDown
 from enricher.retry import RetryPolicy, parse_retry_after
 
+from .fakes import FakeRetry
+
 NOW = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
-@dataclass(frozen=True)
-class Retry:
-    attempts: int = 5
-    backoff_min: float = 0.1
-    backoff_max: float = 10.0
-    on_status: tuple[int, ...] = (429, 500, 502, 503, 504)
-    max_retry_after: float = 300.0
-    deadline: float = 30.0
-    budget: float = 0.2
+Retry = partial(FakeRetry, attempts=5, backoff_max=10.0)
 
 
 class FakeSleep:

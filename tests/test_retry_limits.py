@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 
 import pytest
 import yaml
@@ -11,6 +11,8 @@ from enricher.config import config_from_dict, render_effective
 from enricher.errors import CallError, ConfigError
 from enricher.retry import RetryPolicy
 from enricher.retry_limits import RetryBudget, timed
+
+from .fakes import FakeRetry
 
 
 class Clock:
@@ -21,15 +23,9 @@ class Clock:
         return self.now
 
 
-@dataclass(frozen=True)
-class Retry:
-    attempts: int = 10
-    backoff_min: float = 0.3
-    backoff_max: float = 0.3
-    on_status: tuple[int, ...] = (503,)
-    max_retry_after: float = 300.0
-    deadline: float = 1.0
-    budget: float = 0.2
+Retry = partial(
+    FakeRetry, attempts=10, backoff_min=0.3, backoff_max=0.3, on_status=(503,), deadline=1.0
+)
 
 
 # --- the budget ----------------------------------------------------------------------------------
