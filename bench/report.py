@@ -74,9 +74,7 @@ def _limited(side: str, kind: str) -> tuple[Figure, ...]:
             3,
             note=lambda o: "calls/s in whole seconds / limit",
         ),
-        Figure(
-            f"{side}_calls", f"{side}: API calls", note=lambda o: f"{o.precision_events} events"
-        ),
+        Figure(f"{side}_calls", f"{side}: API calls", note=_events),
     )
 
 

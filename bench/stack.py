@@ -40,6 +40,7 @@ from enricher.services import (
     EmbeddedKafka,
     EmbeddedRedis,
     find_free_port,
+    run_enricher,
     spawn_child,
     stop_child,
 )
@@ -74,15 +75,6 @@ def page_view(i: int) -> dict[str, Any]:
     """Event ``i``: a page view with its own IP (so its own API request and cache entry)."""
     ip = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
     return {"type": "page_view", "user": f"u{i}", "seq": i, "client": {"ip": ip}}
-
-
-def _spawn(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    return spawn_child(command, log_path=log_path, cwd=cwd)
-
-
-async def stop_process(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT) -> None:
-    """SIGTERM the process group, SIGKILL it after ``timeout``; reap it."""
-    await stop_child(proc, timeout)
 
 
 class BenchStack:
@@ -120,7 +112,9 @@ class BenchStack:
         ):
             command = [sys.executable, "-m", "enricher", "sandbox-api"]
             command += ["--host", LOOPBACK, "--port", str(port), "--latency", latency]
-            self.sandboxes.append(_spawn(command, self.workdir / f"{name}.log", self.workdir))
+            self.sandboxes.append(
+                spawn_child(command, log_path=self.workdir / f"{name}.log", cwd=self.workdir)
+            )
         self._redis = aioredis.Redis.from_url(self.redis_service.url)
         self._http = aiohttp.ClientSession()
         async with asyncio.timeout(20):
@@ -140,7 +134,7 @@ class BenchStack:
             if self._redis is not None:
                 await self._redis.aclose()
             for proc in self.sandboxes:
-                await stop_process(proc, 5.0)
+                await stop_child(proc, 5.0)
         finally:
             await asyncio.to_thread(self.kafka.close)
             await asyncio.to_thread(self.redis_service.close)
@@ -330,7 +324,9 @@ class Run:
 
     def _start(self, command: list[str]) -> None:
         log = self.dir / f"worker-{len(self.procs)}.log"
-        proc = _spawn(command, log, self.dir)  # the run's directory: Faust's data dir
+        proc = spawn_child(
+            command, log_path=log, cwd=self.dir
+        )  # the run's directory: Faust's data dir
         self.procs.append(proc)
         self.worker = self.worker or proc
 
@@ -421,24 +417,10 @@ class Run:
 
     async def enricher(self, *args: str, timeout: float = 60.0) -> str:
         """Run an ``enricher`` command; its stdout (raises on a non-zero exit)."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "enricher",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(timeout):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
-        if proc.returncode != 0:
-            raise RuntimeError(f"enricher {' '.join(args)}: exit {proc.returncode}: {err.decode()}")
-        return out.decode()
+        code, out, err = await run_enricher(*args, timeout=timeout)
+        if code != 0:
+            raise RuntimeError(f"enricher {' '.join(args)}: exit {code}: {err}")
+        return out
 
     async def replay(self, share: float) -> str:
         """Start a detached replay of the last hour's input; its id."""
@@ -464,7 +446,7 @@ class Run:
     async def stop_processes(self) -> None:
         """Stop every process of the run, all at once (each SIGTERM, then SIGKILL if need be)."""
         procs, self.procs = self.procs, []
-        await asyncio.gather(*(stop_process(proc) for proc in procs))
+        await asyncio.gather(*(stop_child(proc, WORKER_STOP_TIMEOUT) for proc in procs))
 
     async def stop(self) -> None:
         """Stop the processes and the tail (the run's directory goes with the stack's)."""

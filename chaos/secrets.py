@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from urllib.parse import quote
 
 import aiohttp
 
-from enricher.services import EmbeddedRedis, find_free_port
+from enricher.services import EmbeddedRedis, find_free_port, run_enricher
 
 from .faults import fault_apis, fault_rules, poison_records
 from .scenario import Result, api, finish, geo_rule, page_view
@@ -79,6 +78,8 @@ async def _web_pages(port: int) -> dict[str, str]:
     async with aiohttp.ClientSession() as http:
         for page in ("/metrics", "/health", "/dashboard.json", "/dashboard"):
             async with http.get(f"http://127.0.0.1:{port}{page}") as response:
+                if page != "/health":  # /health may answer 503 while Redis is down
+                    response.raise_for_status()  # an error page proves nothing about leaks
                 pages[page] = await response.text()
     return pages
 
@@ -91,14 +92,8 @@ async def _commands(scene: Scene) -> dict[str, str]:
         ["check-config", config],
         ["limits", "show", "--config", config, "--json"],
     ):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "enricher",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-        found[f"enricher {args[0]}"] = out.decode(errors="replace")
+        code, out, err = await run_enricher(*args)
+        if code != 0:  # a command that failed proves nothing about leaks
+            raise RuntimeError(f"enricher {args[0]}: exit {code}: {err[-500:]}")
+        found[f"enricher {args[0]}"] = out + err
     return found

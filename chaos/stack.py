@@ -257,7 +257,9 @@ class Scene:
         )
         await consumer.start()
         tps = [
-            TopicPartition(self.topics[k], p) for k in ("output", "dead_letter") for p in range(4)
+            TopicPartition(self.topics[k], p)
+            for k in ("output", "dead_letter")
+            for p in range(PARTITIONS)
         ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

@@ -60,6 +60,7 @@ __all__ = [
     "S3Storage",
     "find_free_port",
     "redis_server_binary",
+    "run_enricher",
     "spawn_child",
     "stop_child",
     "tansu_binary",
@@ -157,6 +158,29 @@ def spawn_child(command: list[str], *, log_path: Path, cwd: Path) -> subprocess.
 async def stop_child(proc: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM the child's process group, SIGKILL it after ``timeout``; reap it."""
     await asyncio.to_thread(_terminate, proc, timeout)
+
+
+async def run_enricher(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """``python -m enricher *args`` without blocking the loop: (exit code, stdout, stderr).
+    After ``timeout`` seconds the child is killed and TimeoutError raised."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "enricher",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    code = proc.returncode if proc.returncode is not None else -1
+    return code, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 def _cleanup(child: _Child) -> None:

@@ -21,13 +21,12 @@ from typing import Any
 
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
+
+from enricher.kafka import create_topics, kafka_bootstrap
+from enricher.services import run_enricher, spawn_child
 
 PARTITIONS = 4
-
-
-def _bootstrap(url: str) -> str:
-    return url.split("://", 1)[-1]
 
 
 @dataclass
@@ -62,25 +61,11 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "enricher",
-                "worker",
-                "--config",
-                str(self.config_path),
-                *self.extra_args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.log_path.parent,  # Faust writes its <app_id>-data dir in the cwd
-            start_new_session=True,
+        command = [sys.executable, "-m", "enricher", "worker", "--config", str(self.config_path)]
+        # cwd: Faust writes its <app_id>-data dir there
+        self.proc = spawn_child(
+            [*command, *self.extra_args], log_path=self.log_path, cwd=self.log_path.parent
         )
-        log.close()
         return self
 
     def signal(self, sig: int) -> None:
@@ -182,18 +167,13 @@ class Stack:
             worker.kill()
 
     async def create_topics(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(self.kafka_url))
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in self.topics.values()])
-        finally:
-            await admin.close()
+        await create_topics(self.kafka_url, self.topics.values(), PARTITIONS)
 
     async def produce(
         self, events: Sequence[tuple[str | None, Any]], *, partition: int | None = None
     ) -> None:
         """Send (key, value) pairs; dict values are JSON-encoded, bytes sent as they are."""
-        producer = AIOKafkaProducer(bootstrap_servers=_bootstrap(self.kafka_url), acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(self.kafka_url), acks="all")
         await producer.start()
         try:
             futures = []
@@ -247,7 +227,7 @@ class Stack:
     ) -> Collected:
         """Read the output and dead-letter topics from the start until ``done``."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=_bootstrap(self.kafka_url), enable_auto_commit=False
+            bootstrap_servers=kafka_bootstrap(self.kafka_url), enable_auto_commit=False
         )
         await consumer.start()
         collected = Collected()
@@ -296,7 +276,7 @@ class Stack:
         Asked through a non-subscribing consumer of the group: aiokafka's admin client cannot
         decode Tansu's OffsetFetch reply."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=_bootstrap(self.kafka_url),
+            bootstrap_servers=kafka_bootstrap(self.kafka_url),
             group_id=self.app_id,
             enable_auto_commit=False,
         )
@@ -323,21 +303,13 @@ class Stack:
     async def enricher(self, *args: str) -> str:
         """Run an ``enricher`` command (without blocking the loop the sandbox API runs on);
         returns its stdout, failing the test on a non-zero exit."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "enricher",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
-        assert proc.returncode == 0, f"enricher {' '.join(args)}: {err.decode()}"
-        return out.decode()
+        code, out, err = await run_enricher(*args, timeout=180.0)  # pytest-timeout's bound
+        assert code == 0, f"enricher {' '.join(args)}: {err}"
+        return out
 
     async def wait_for_members(self, count: int, timeout: float = 60.0) -> None:
         """Wait until the consumer group is stable with ``count`` members (workers joined)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(self.kafka_url))
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap(self.kafka_url))
         await admin.start()
         try:
             async with asyncio.timeout(timeout):

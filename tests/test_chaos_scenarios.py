@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def chaos_stack(
-    tmp_path: object, kafka: EmbeddedKafka, redis_service: EmbeddedRedis
+    kafka: EmbeddedKafka, redis_service: EmbeddedRedis
 ) -> AsyncIterator[ChaosStack]:
     stack = ChaosStack(kafka=kafka, redis=redis_service)
     await stack.start()
