@@ -205,7 +205,10 @@ class RedisLimiter(LimiterBase):
             redis, load_script("acquire.lua"), timeout=redis_timeout
         )
         self._block_script = redis.register_script(load_script("block.lua"))
-        self._budget_script = redis.register_script(load_script("server_budget.lua"))
+        # An API's rate-limit headers come with every answer: their stores share pipelines too.
+        self._budget_batch = ScriptBatcher(
+            redis, load_script("server_budget.lua"), timeout=redis_timeout
+        )
         self._health = _Health(on_unavailable)
         self._local = (
             LocalFallback(self._apis, local_share, clock) if on_unavailable == "local" else None
@@ -214,9 +217,10 @@ class RedisLimiter(LimiterBase):
         self._sights: dict[str, str] = {}  # per API, the latest sight (recovery from lost state)
 
     async def close(self) -> None:
-        """Make pending and later ``acquire`` calls raise ShuttingDown; stop the batcher."""
+        """Make pending and later ``acquire`` calls raise ShuttingDown; stop the batchers."""
         await super().close()
         await self._acquire_batch.close()
+        await self._budget_batch.close()
 
     def _check(self, api: str) -> None:
         if api not in self._apis:
@@ -311,9 +315,8 @@ class RedisLimiter(LimiterBase):
         keys = self._keys[api]
         number = "" if grant is None else str(grant)
         args = [str(max(0, int(remaining))), repr(float(reset)), number]
-        script = self._budget_script(keys=[keys.server_budget, keys.granted], args=args)
         try:
-            await asyncio.wait_for(script, self._timeout)
+            await self._budget_batch.call([keys.server_budget, keys.granted], args)
         except REDIS_ERRORS as exc:
             self._health.failed(self._clock(), exc)
         except redis.exceptions.RedisError as exc:
