@@ -29,7 +29,7 @@ MAX_BATCH = 256  # calls per pipeline: bounds one reply's size and the head-of-l
 
 LINGER, LINGER_BELOW = 0.001, 16  # seconds, calls: under 16 queued, wait 1 ms for more
 
-_Call = tuple[Sequence[str], Sequence[str], "asyncio.Future[Any]"]
+_Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
 
 class ScriptBatcher:
@@ -45,7 +45,7 @@ class ScriptBatcher:
         self._queue: deque[_Call] = deque()
         self._flusher: asyncio.Task[None] | None = None
 
-    def call(self, keys: Sequence[str], args: Sequence[str]) -> asyncio.Future[Any]:
+    def call(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue one run of the script; the future holds its reply or raises its error.
         Cancelling the future does not unsend a call already on the wire."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
