@@ -44,7 +44,8 @@ REVOKE_WAIT_MAX = 2.0  # seconds in-flight events of revoked partitions get befo
 
 def revoke_wait(config: Config) -> float:
     """How long a rebalance waits for in-flight events of revoked partitions: short, since
-    every member of the group waits for this one to rejoin."""
+    every member of the group waits for this one to rejoin. Writes already begun then get up to
+    the pipeline's ``write_wait`` more (cancelling one mid-write would only duplicate it)."""
     return min(REVOKE_WAIT_MAX, config.kafka.rebalance_timeout / 3)
 
 

@@ -104,8 +104,7 @@ class Pipeline(Generic[T]):
         self._writes = KeySequencer()  # per partition: writes begin in offset order
         self._write_wait = write_wait  # how long begun writes get once events are abandoned
         self._writing: set[asyncio.Task[None]] = set()
-        self._task_tps: dict[asyncio.Task[None], Hashable] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Hashable] = {}  # running task -> its partition
         self._to_release: deque[T] = deque()
         self._releasing = False
         self._closing = False
@@ -139,14 +138,12 @@ class Pipeline(Generic[T]):
         written = self._writes.enter(tp)
         self.stats.submitted += 1
         task = asyncio.create_task(self._run(record, tp, epoch, (previous, turn), written))
-        self._tasks.add(task)
-        self._task_tps[task] = tp
+        self._tasks[task] = tp
         task.add_done_callback(self._forget_task)
         return True
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._task_tps.pop(task, None)
+        self._tasks.pop(task, None)
 
     async def revoke(self, tps: Iterable[Hashable], wait: float = 0.0) -> None:
         """Partitions are being taken away: give their in-flight events ``wait`` seconds to
@@ -154,7 +151,7 @@ class Pipeline(Generic[T]):
         the partitions: nothing of theirs is acked by us afterwards. Call before the commit
         that precedes the revocation."""
         revoked = set(tps)
-        tasks = {task for task, tp in self._task_tps.items() if tp in revoked}
+        tasks = {task for task, tp in self._tasks.items() if tp in revoked}
         if tasks and wait > 0:
             await asyncio.wait(tasks, timeout=wait)
         await self._abandon(tasks)
