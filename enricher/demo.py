@@ -10,7 +10,6 @@ The same seed gives the same events; timestamps start at ``start`` and advance a
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,7 @@ from typing import Any
 from .config import Config
 from .kafka import ensure_topics, start_producer
 from .produce import key_for
+from .records import compact_json
 
 __all__ = ["DEFAULT_START", "DemoEvents", "encode", "produce_events"]
 
@@ -87,7 +87,7 @@ class DemoEvents:
 
 
 def encode(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    return compact_json(event)
 
 
 async def produce_events(

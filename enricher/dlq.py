@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, get_args
 
 from .errors import BadArgument, ErrorKind
+from .records import compact_json
 from .replay_feed import Refeed
 from .replay_scan import ScannedRecord, Window
 
@@ -88,7 +89,7 @@ def refeed_of(record: ScannedRecord, letter: dict[str, Any]) -> Refeed | None:
     """What to re-feed for one dead letter, None when its event cannot be re-fed."""
     event = letter["event"]
     if isinstance(event, dict):
-        value = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        value = compact_json(event)
     elif isinstance(event, str):
         value = event.encode("utf-8", errors="surrogatepass")
     else:

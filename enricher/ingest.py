@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, Protocol
 
 from aiokafka.errors import KafkaError
@@ -21,6 +21,7 @@ from . import units
 from .config import Config
 from .errors import ConfigError, RefusedBatch, RejectedEvent
 from .produce import key_for
+from .records import compact_json
 from .schemas import SchemaId, SchemaRegistry
 
 __all__ = [
@@ -86,7 +87,8 @@ class Outcome:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object of this outcome."""
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        items = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return {key: value for key, value in items if value is not None}
 
 
 def routes_for(config: Config, registry: SchemaRegistry) -> dict[str, Route]:
@@ -173,7 +175,7 @@ class Ingestor:
         """The event encoded and routed; RejectedEvent if it cannot be published."""
         if not isinstance(event, dict):
             raise RejectedEvent(422, "not a JSON object")
-        value = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        value = compact_json(event)
         if len(value) > self.max_event_bytes:
             limit = units.format_size(self.max_event_bytes)
             raise RejectedEvent(413, f"{len(value)} bytes, over ingest.max_event_bytes ({limit})")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import generate_latest
 
 from .ingest import Outcome
+from .metrics import render_metrics
 
 __all__ = ["IngestMetrics"]
 
@@ -44,4 +44,4 @@ class IngestMetrics:
 
     def render(self) -> bytes:
         """The Prometheus text format."""
-        return generate_latest(self.registry)
+        return render_metrics(self.registry)

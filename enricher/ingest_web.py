@@ -27,6 +27,7 @@ from .errors import RefusedBatch
 from .ingest import Ingestor, Outcome, event_limit, parse_batch, routes_for
 from .ingest_metrics import IngestMetrics
 from .kafka import ensure_topics, start_producer
+from .metrics import METRICS_CONTENT_TYPE
 from .schemas import SchemaRegistry
 
 __all__ = ["IngestServer", "create_ingest_app", "serve_ingest", "start_ingest"]
@@ -42,7 +43,6 @@ class _State:
 
 
 STATE = web.AppKey("ingest", _State)
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 logger = logging.getLogger(__name__)
 
 

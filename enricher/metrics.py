@@ -42,6 +42,7 @@ from .lanes import Lane
 
 __all__ = [
     "CALL_OUTCOMES",
+    "METRICS_CONTENT_TYPE",
     "WAIT_BUCKETS",
     "ApiStats",
     "MeteredClient",
@@ -499,6 +500,9 @@ def new_registry(collector: Collector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return registry
+
+
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text
 
 
 def render_metrics(registry: CollectorRegistry) -> bytes:

@@ -8,6 +8,7 @@ from typing import IO, Any
 
 from .config import Config
 from .kafka import ensure_topics, start_producer
+from .records import compact_json
 from .rules import MISSING, get_path
 
 __all__ = ["key_for", "produce_lines"]
@@ -52,7 +53,7 @@ async def produce_lines(
             if event is None:
                 skipped += 1
                 continue
-            value = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+            value = compact_json(event)
             pending.append(
                 await producer.send(config.topics.input, value, key=key_for(event, key_field))
             )

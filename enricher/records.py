@@ -17,6 +17,7 @@ __all__ = [
     "SOURCE_HEADER",
     "InputRecord",
     "OutputRecord",
+    "compact_json",
     "dead_letter_record",
     "output_for",
     "parse_origin",
@@ -73,7 +74,8 @@ def parse_origin(header: str | None) -> tuple[str, int, int] | None:
     return parts[0], int(parts[1]), int(parts[2])
 
 
-def _dumps(value: Any) -> bytes:
+def compact_json(value: Any) -> bytes:
+    """The one JSON encoding of records: compact, UTF-8, non-ASCII kept."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -98,13 +100,15 @@ def dead_letter_record(
         "error": error.as_dict(),
         "source": _source_dict(record),
     }
-    return OutputRecord(topics.dead_letter, record.key, _dumps(body), _headers(record))
+    return OutputRecord(topics.dead_letter, record.key, compact_json(body), _headers(record))
 
 
 def output_for(record: InputRecord, outcome: Outcome, topics: TopicSettings) -> OutputRecord | None:
     """The record an outcome produces: output, dead letter, or None for a dropped event."""
     if isinstance(outcome, Enriched):
-        return OutputRecord(topics.output, record.key, _dumps(outcome.event), _headers(record))
+        return OutputRecord(
+            topics.output, record.key, compact_json(outcome.event), _headers(record)
+        )
     if isinstance(outcome, DeadLetter):
         return dead_letter_record(record, outcome.event, outcome.error, topics)
     assert isinstance(outcome, Dropped)

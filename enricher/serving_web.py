@@ -48,16 +48,14 @@ class Serving:
     """One worker's serving parts: the store, and the sink wrapper that feeds it."""
 
     def __init__(self, config: Config, store: EnrichmentStore | None) -> None:
-        self.config = config
         self.store = store
-        self.sink: ServingSink | None = None
+        self._output_topic = config.topics.output
 
     def wrap(self, sink: Sink) -> Sink:
         """``sink`` itself when serving is off; else a sink that also stores outputs."""
         if self.store is None:
             return sink
-        self.sink = ServingSink(sink, self.store, output_topic=self.config.topics.output)
-        return self.sink
+        return ServingSink(sink, self.store, output_topic=self._output_topic)
 
     async def close(self) -> None:
         if self.store is not None:

@@ -19,12 +19,12 @@ from importlib import resources
 from typing import Any, Final
 
 from .errors import ServiceUnavailable
+from .metrics import METRICS_CONTENT_TYPE
 from .monitor import WorkerMonitor
 from .status import gather_status
 
-__all__ = ["DASHBOARD_MAX_AGE", "METRICS_CONTENT_TYPE", "DashboardData", "install_views"]
+__all__ = ["DASHBOARD_MAX_AGE", "DashboardData", "install_views"]
 
-METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 HTML_CONTENT_TYPE: Final = "text/html; charset=utf-8"
 DASHBOARD_MAX_AGE: Final = 0.9  # seconds a fleet reading is reused (several open pages, one read)
 
