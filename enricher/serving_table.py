@@ -139,6 +139,11 @@ class ChangelogTail:
     def ready(self) -> bool:
         return self._task is None or self._task.done()
 
+    async def wait(self) -> None:
+        """Until the current read, if any, is done."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
     async def __call__(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -181,9 +181,8 @@ async def test_the_tail_applies_what_recovery_stopped_short_of(kafka: EmbeddedKa
     )
     await tail()
     assert not tail.ready
-    async with asyncio.timeout(15):
-        while not tail.ready:  # noqa: ASYNC110 - the tail reads in a task of its own
-            await asyncio.sleep(0.05)
+    await asyncio.wait_for(tail.wait(), 15)
+    assert tail.ready
     assert await store.get(b"k") == served(5)
     assert await store.get(b"other") is None  # partition 2 is not ours
     assert tail.applied == 2  # offsets 4 and 5 (3 was there already)

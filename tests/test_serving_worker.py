@@ -4,6 +4,7 @@ store modes, before and after one of them stops and its partitions move."""
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -135,6 +136,11 @@ async def test_both_workers_serve_the_latest_enrichment_also_after_one_stops(
         assert not any(t.forwarded for t in (*before.values(), *after.values()))
 
 
+async def replay_state(stack: Stack, config: Any, replay_id: str) -> str:
+    out = await stack.enricher("replay", "status", replay_id, "--config", str(config), "--json")
+    return str(json.loads(out)["state"])
+
+
 @pytest.mark.parametrize("store", ["table", "redis"])
 async def test_a_replay_of_older_events_leaves_the_latest_enrichment_served(
     stack: Stack, store: str
@@ -156,5 +162,10 @@ async def test_a_replay_of_older_events_leaves_the_latest_enrichment_served(
     )
     replay_id = out.strip().splitlines()[-1].strip()
     await stack.collect_replayed(replay_id, 2 * len(KEYS))
+    # A replayed event is counted only after its output and its store write: once the replay is
+    # done, every replayed output has reached the store (or been refused by the offset rule).
+    async with asyncio.timeout(30):
+        while await replay_state(stack, path, replay_id) != "done":  # noqa: ASYNC110 - Redis
+            await asyncio.sleep(0.2)
     async with aiohttp.ClientSession() as http:
         await check_every_key(http, [base], latest)  # not the replayed seq 1

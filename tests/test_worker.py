@@ -232,9 +232,7 @@ async def test_slow_offset_zero_is_never_committed_past(
         events = [("k0", page_view(0, user="k0", ip="slow"))]
         events += [(f"k{i}", page_view(i, user=f"k{i}")) for i in range(1, 10)]
         await stack.produce(events, partition=0)
-        async with asyncio.timeout(60):
-            while api.calls < 10:  # noqa: ASYNC110 - every event enriched or being enriched
-                await asyncio.sleep(0.1)
+        await asyncio.wait_for(api.wait_calls(10), 60)  # every event enriched or being enriched
         await asyncio.sleep(2.5)  # two commit intervals: time for a wrong commit to happen
         assert await stack.committed() == {}  # nothing committed while offset 0 is in flight
         first.kill()
@@ -253,6 +251,17 @@ class GatedApi:
         self.runner = runner
         self.url = url
         self.calls = 0
+        self._called = asyncio.Event()
+
+    def count(self) -> None:
+        self.calls += 1
+        self._called.set()
+
+    async def wait_calls(self, n: int) -> None:
+        """Until the API has been called ``n`` times (it runs on the test's own loop)."""
+        while self.calls < n:
+            self._called.clear()
+            await self._called.wait()
 
     async def close(self) -> None:
         await self.runner.cleanup()
@@ -262,7 +271,7 @@ async def run_gated_api(gate: asyncio.Event) -> GatedApi:
     """An API that answers at once, except for ip ``slow``, which waits for ``gate``."""
 
     async def geo(request: web.Request) -> web.Response:
-        api.calls += 1
+        api.count()
         if request.match_info["ip"] == "slow":
             await gate.wait()
         return web.json_response({"ip": request.match_info["ip"]})
