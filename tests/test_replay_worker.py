@@ -148,17 +148,23 @@ async def test_replay_stops_at_its_quota_share_and_says_so_while_live_keeps_the_
     await stack.collect(expected=n)
     replay_id = await start_replay(stack, config, share=share)
     cap = int(share * (quota - n))  # 14: its share of what was left
-    await stack.collect_replayed(replay_id, cap)
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         # polls the registry through the CLI, as an operator would
         while (status := await status_of(stack, config, replay_id))["state"] != "held":  # noqa: ASYNC110
             await asyncio.sleep(0.2)
-    assert "quota" in status["note"] and status["outputs"] == cap
+        while sandbox.stats()["calls"] < n + cap:  # noqa: ASYNC110 (the last granted call)
+            await asyncio.sleep(0.05)
+    assert "quota" in status["note"]
+    assert status["quota_share"]["geo"]["day"] == {"cap": cap, "used": cap}
+    # Outputs are written in offset order per partition: one enriched behind a held event
+    # waits for it, so the replay's outputs may be fewer than its calls, never more.
+    replayed = (await stack.collect_replayed(replay_id, 1)).replayed[replay_id]
+    assert 1 <= replayed <= cap
     # live traffic still has the rest of the quota
     await stack.produce([(f"v{i}", page_view(500 + i, user=f"v{i}")) for i in range(10)])
     got = await stack.collect_at_least(n + 10)
-    assert len(got.outputs) == n + 10 and got.replayed[replay_id] == cap
-    assert sandbox.stats()["calls"] == n + cap + 10
+    assert len(got.outputs) == n + 10 and got.replayed[replay_id] <= cap
+    assert sandbox.stats()["calls"] == n + cap + 10  # the replay never went past its share
 
 
 async def test_dead_letters_are_redriven_through_the_replay_lane(
