@@ -1,8 +1,10 @@
-"""The Faust layer: builds the app from the config; the agent only hands records to the pipeline.
+"""The Faust layer: builds the app from the config; one loop per topic hands records to a pipeline.
 
 ``create_app(config)`` returns an :class:`EnricherApp` (the Faust app plus the worker's runtime);
-there is no module-level app. The agent keeps Faust's concurrency at 1 and acks manually, in
-offset order, only after the event's output or dead letter is acknowledged by the broker.
+there is no module-level app. Faust consumes, rebalances and commits; instead of an agent's
+stream (whose per-event machinery cost as much as the rest of the worker), each input topic's
+events are taken in batches (:mod:`enricher.intake`) by one loop. Events are acked in offset
+order, only after their output or dead letter is acknowledged by the broker.
 
 The app also serves ``/metrics`` and ``/health`` on its web port (:mod:`enricher.web`) and
 writes the worker's heartbeat to Redis (:mod:`enricher.heartbeat`) once its runtime is up.
@@ -24,6 +26,7 @@ from faust.types import TP
 from .config import Config
 from .errors import ShuttingDown
 from .heartbeat import Heartbeat
+from .intake import Intake
 from .kafka_security import faust_credentials
 from .monitor import WorkerMonitor
 from .pipeline import OutputTooLarge, Pipeline, SinkUnavailable
@@ -36,8 +39,8 @@ __all__ = ["EnricherApp", "create_app", "faust_settings"]
 
 log = logging.getLogger(__name__)
 
-# What Faust acks: the stream the event came from, and the event.
-AckToken = tuple[Any, Any]
+# What is acked: Faust's event (its final ack marks the offset committable).
+AckToken = Any
 
 REVOKE_WAIT_MAX = 2.0  # seconds in-flight events of revoked partitions get before abandoned
 
@@ -131,7 +134,8 @@ class EnricherApp:
 
     def __init__(self, config: Config, *, web_port: int) -> None:
         self.config = config
-        self.faust = faust.App(config.app_id, **faust_settings(config, web_port=web_port))
+        settings = faust_settings(config, web_port=web_port)
+        self.faust = faust.App(config.app_id, **settings)
         self.monitor = WorkerMonitor(
             config, web_port=web_port, partitions=FaustPartitions(self.faust)
         )
@@ -147,8 +151,11 @@ class EnricherApp:
             self._topic(config.topics.output),
             self._topic(config.topics.dead_letter),
         ]
-        self.faust.agent(self.input_topic, name="enrich", concurrency=1)(self._live_agent)
-        self.faust.agent(self.replay_topic, name="replay", concurrency=1)(self._replay_agent)
+        buffer = settings["stream_buffer_maxsize"]
+        self._live_intake = Intake(self.faust, self.input_topic, buffer)
+        self._replay_intake = Intake(self.faust, self.replay_topic, buffer)
+        self.faust.task(self._live_loop)
+        self.faust.task(self._replay_loop)
         self.faust.task(self._start_runtime)
         self.faust.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
@@ -185,11 +192,11 @@ class EnricherApp:
             extra={"worker": self.monitor.worker, "web_url": self.monitor.web_url},
         )
 
-    async def _live_agent(self, stream: Any) -> None:
+    async def _live_loop(self) -> None:
         runtime = await self._started()
-        await _feed(stream, runtime.pipeline, _live_record, self._current)
+        await _feed(self._live_intake, runtime.pipeline, _live_record, self._current)
 
-    async def _replay_agent(self, stream: Any) -> None:
+    async def _replay_loop(self) -> None:
         runtime = await self._started()
 
         async def replayed(message: Any) -> InputRecord:
@@ -205,7 +212,7 @@ class EnricherApp:
                 origin=parse_origin(headers.get(ORIGIN_HEADER)),
             )
 
-        await _feed(stream, runtime.replay_pipeline, replayed, self._current)
+        await _feed(self._replay_intake, runtime.replay_pipeline, replayed, self._current)
 
     async def _started(self) -> Runtime[AckToken]:
         await self._ready.wait()
@@ -267,23 +274,23 @@ class EnricherApp:
 
 
 async def _feed(
-    stream: Any,
+    intake: Intake,
     pipeline: Pipeline[AckToken],
     to_record: Callable[[Any], Awaitable[InputRecord]],
     current: Callable[[Any], bool],
 ) -> None:
-    """The agent loop: hand each event to the pipeline, which acks it (in offset order) once its
-    output is written. Faust's own acks are off (PITFALLS 1, 2). Events that are no longer
-    ``current`` (read before a revocation) are dropped unacked."""
-    manual = stream.noack()
-    async for event in manual.events():
-        if not current(event):
-            continue
-        try:
-            record = await to_record(event.message)
-            await pipeline.submit(record, (manual, event), functools.partial(current, event))
-        except ShuttingDown:
-            break
+    """The worker loop: hand each event to the pipeline, which acks it (in offset order) once
+    its output is written (PITFALLS 1, 2). Events that are no longer ``current`` (read before a
+    revocation) are dropped unacked."""
+    async for batch in intake.batches():
+        for event in batch:
+            if not current(event):
+                continue
+            try:
+                record = await to_record(event.message)
+                await pipeline.submit(record, event, functools.partial(current, event))
+            except ShuttingDown:
+                return
 
 
 def _before_revocation(consumer: Any, settle: Callable[[Any], Awaitable[None]]) -> None:
@@ -320,9 +327,8 @@ def _headers(message: Any) -> dict[str, str]:
     return {k: v.decode("utf-8", "replace") for k, v in pairs if isinstance(v, bytes)}
 
 
-async def _ack(token: AckToken) -> None:
-    stream, event = token
-    await stream.ack(event)
+async def _ack(event: AckToken) -> None:
+    event.ack()
 
 
 def create_app(config: Config, *, web_port: int = 0) -> EnricherApp:
