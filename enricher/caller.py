@@ -163,14 +163,28 @@ class ApiCaller:
         return await self._cache.get_or_call(endpoint.settings, key, fetch)
 
     async def _call(self, endpoint: _Endpoint, url: URL, body: Any, lane: Lane | None) -> Any:
-        """The retrying call: attempts until an answer, a final error or the attempts run out."""
-        attempts = 0
+        """The retrying call: attempts until an answer, a final error or the attempts run out.
+
+        The first attempt is made before tenacity is involved: most calls succeed at once, and
+        a tenacity controller per call cost a few percent of the worker's CPU. When it fails,
+        tenacity takes over as if it had made it (its first "attempt" re-raises that error), so
+        waits, stops and logs are those of a plain tenacity loop."""
+        attempts = 1
         limits = endpoint.policy.limits()  # the event's deadline, the worker's retry budget
         try:
             with limits.active():
+                try:
+                    return await self._attempt(endpoint, url, body, lane)
+                except CallError as exc:
+                    if not exc.retriable or endpoint.policy.attempts <= 1:
+                        raise
+                    first: CallError | None = exc
                 async for attempt in endpoint.policy.retrying(self._sleep, limits):
                     with attempt:
                         attempts = attempt.retry_state.attempt_number
+                        if first is not None:
+                            failed, first = first, None
+                            raise failed
                         return await self._attempt(endpoint, url, body, lane)
         except CallError as exc:
             exc.attempts = attempts
