@@ -209,9 +209,9 @@ class Pipeline(Generic[T]):
         (previous, turn), (previous_write, my_write) = key_turn, write_turn
         completed = False
         try:
-            if previous is None or await asyncio.shield(previous):
+            if await _completed(previous):
                 outcome = await self._enrich(record)
-                if previous_write is None or await asyncio.shield(previous_write):
+                if await _completed(previous_write):
                     self._writing.add(task)  # _abandon lets it finish from here on
                     self._writes.leave(tp, my_write, completed=True)
                     if outcome is not None:
@@ -304,6 +304,16 @@ class Pipeline(Generic[T]):
                 await self._release(self._to_release.popleft())
         finally:
             self._releasing = False
+
+
+async def _completed(turn: asyncio.Future[bool] | None) -> bool:
+    """Whether the predecessor whose ``turn`` this is completed (True: there is none). Awaited
+    through a shield: our cancellation must not cancel its turn (no shield once it is done)."""
+    if turn is None:
+        return True
+    if turn.done():
+        return turn.result()
+    return await asyncio.shield(turn)
 
 
 def _replay_outcome_kind(outcome: Outcome | None) -> str:
