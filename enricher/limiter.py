@@ -200,9 +200,10 @@ class RedisLimiter(LimiterBase):
         self._limits = {name: Limits.of(api) for name, api in self._apis.items()}
         self._timeout = redis_timeout
         self._clock = clock
-        # Concurrent decisions share a pipeline: about one round trip for many calls.
+        # Concurrent decisions share a pipeline (about one round trip for many calls), and
+        # identical ones one script run (a bulk: see acquire.lua).
         self._acquire_batch = ScriptBatcher(
-            redis, load_script("acquire.lua"), timeout=redis_timeout
+            redis, load_script("acquire.lua"), timeout=redis_timeout, bulk=True
         )
         self._block_script = redis.register_script(load_script("block.lua"))
         # An API's rate-limit headers come with every answer: their stores share pipelines too.

@@ -10,6 +10,11 @@ decision made 1 ms later only ever makes a call later, never earlier than its sl
 Every call's reply (or error) is its own: a ``NOSCRIPT`` answer loads the script and sends that
 call again; a failure of the whole pipeline (connection lost, timeout) is every call's error,
 raised to each caller as if it had called alone.
+
+A ``bulk`` script takes one more argument, n, and answers n callers that sent the same keys and
+arguments at once with a list of up to n replies (a shorter list: the callers left share its
+last reply). Identical calls of a batch then go out as one EVALSHA: packing and running a
+command per call was most of the limiter's cost (``acquire.lua`` is bulk).
 """
 
 from __future__ import annotations
@@ -30,15 +35,20 @@ MAX_BATCH = 256  # calls per pipeline: bounds one reply's size and the head-of-l
 LINGER, LINGER_BELOW = 0.001, 16  # seconds, calls: under 16 queued, wait 1 ms for more
 
 _Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+# One EVALSHA of a batch: its keys, its arguments, and the calls it answers (several: a bulk).
+_Command = tuple[Sequence[Any], Sequence[Any], list[_Call]]
 
 
 class ScriptBatcher:
     """Runs one Lua script for many concurrent callers, a pipeline at a time."""
 
-    __slots__ = ("_flusher", "_queue", "_redis", "_sha", "_source", "_timeout")
+    __slots__ = ("_bulk", "_flusher", "_queue", "_redis", "_sha", "_source", "_timeout")
 
-    def __init__(self, redis: aioredis.Redis, source: str, *, timeout: float) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, source: str, *, timeout: float, bulk: bool = False
+    ) -> None:
         self._redis = redis
+        self._bulk = bulk
         self._source = source
         self._sha = hashlib.sha1(source.encode()).hexdigest()
         self._timeout = timeout
@@ -78,9 +88,11 @@ class ScriptBatcher:
                 self._queue.clear()
 
     async def _send(self, batch: list[_Call]) -> None:
+        commands = self._commands(batch)
         pipe = self._redis.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
+        for keys, args, calls in commands:
+            bulk = [len(calls)] if len(calls) > 1 else []
+            pipe.evalsha(self._sha, len(keys), *keys, *args, *bulk)
         try:
             replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), self._timeout)
         except asyncio.CancelledError:
@@ -89,16 +101,34 @@ class ScriptBatcher:
         except Exception as exc:  # the whole pipeline failed: so did each of its calls
             _fail(batch, exc)
             return
-        missing = [call for call, reply in zip(batch, replies, strict=True) if _no_script(reply)]
+        missing = [
+            call
+            for (_, _, calls), reply in zip(commands, replies, strict=True)
+            if _no_script(reply)
+            for call in calls
+        ]
         if missing:
             await self._load(missing)
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if future.done() or _no_script(reply):
+        for (_, _, calls), reply in zip(commands, replies, strict=True):
+            if _no_script(reply):
                 continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+            for (_, _, future), own in zip(calls, _spread(reply, len(calls)), strict=True):
+                if future.done():
+                    continue
+                if isinstance(own, Exception):
+                    future.set_exception(own)
+                else:
+                    future.set_result(own)
+
+    def _commands(self, batch: list[_Call]) -> list[_Command]:
+        """The batch as EVALSHAs: one per call, or for a bulk script one per distinct call."""
+        if not self._bulk:
+            return [(call[0], call[1], [call]) for call in batch]
+        commands: dict[tuple[Any, ...], _Command] = {}
+        for call in batch:
+            keys, args, _ = call
+            commands.setdefault((*keys, None, *args), (keys, args, []))[2].append(call)
+        return list(commands.values())
 
     async def _load(self, calls: list[_Call]) -> None:
         """Load the script (a restarted or flushed Redis) and queue ``calls`` again, first."""
@@ -108,6 +138,17 @@ class ScriptBatcher:
             _fail(calls, exc)
             return
         self._queue.extendleft(reversed(calls))
+
+
+def _spread(reply: Any, callers: int) -> list[Any]:
+    """Each caller's part of a command's reply: all of it for one caller; for a bulk, its own
+    reply, the callers past the end of the list sharing the last one (a refusal or an error)."""
+    if callers == 1 or isinstance(reply, Exception):
+        return [reply] * callers
+    if not isinstance(reply, list) or not reply:
+        error = redis.exceptions.ResponseError(f"bulk script answered {reply!r}, not a list")
+        return [error] * callers
+    return [*reply, *[reply[-1]] * (callers - len(reply))][:callers]
 
 
 def _no_script(reply: Any) -> bool:

@@ -23,7 +23,13 @@ import redis.asyncio as aioredis
 from enricher.config import ApiSettings, config_from_dict
 from enricher.errors import BadArgument, ShuttingDown
 from enricher.lanes import Lane
-from enricher.limiter import MemoryLimiter, RedisLimiter, acquire_args, parse_reply
+from enricher.limiter import (
+    MemoryLimiter,
+    RedisLimiter,
+    acquire_args,
+    parse_reply,
+    reply_sight,
+)
 from enricher.limits_cli import reset_limits, set_limits, show_limits
 from enricher.local_limiter import Decision, LocalFallback
 from enricher.quota import (
@@ -499,6 +505,34 @@ async def test_memory_shadow_counts_what_its_twin_counts() -> None:
 
 
 # --- Redis only ------------------------------------------------------------------------------
+
+
+async def test_a_bulk_decides_as_the_same_calls_one_after_another(
+    redis_client: aioredis.Redis,
+) -> None:
+    script = redis_client.register_script(load_script("acquire.lua"))
+    limits, now_us = Limits(10.0, 3, {"day": 100}), 1_700_000_000_000_000
+    replies: dict[str, list[Any]] = {}
+    for app_id, bulk in (("single", False), ("bulk", True)):
+        await redis_client.set(Keys.of(app_id, "geo").epoch, now_us)  # no fail-closed start
+        keys, sight, replies[app_id] = Keys.of(app_id, "geo").acquire(), "", []
+        if bulk:
+            args = [*acquire_args(limits, 0.15, now_us, sight=sight), "6"]
+            replies[app_id] = await script(keys=keys, args=args)
+            continue
+        for _ in range(6):
+            reply = await script(keys=keys, args=acquire_args(limits, 0.15, now_us, sight=sight))
+            replies[app_id].append(reply)
+            if parse_reply(reply).granted:
+                sight = reply_sight(reply)
+    single = [parse_reply(r) for r in replies["single"]]
+    bulk = [parse_reply(r) for r in replies["bulk"]]
+    # burst 3 and 0.15 s of waiting at 10/s: four grants, then refusals; the bulk stops at the
+    # first refusal, which the callers after it share
+    assert [d.granted for d in single] == [True] * 4 + [False] * 2
+    assert bulk == single[:5]
+    assert [d.grant for d in bulk[:4]] == [1, 2, 3, 4]
+    assert bulk[3].remaining == {"day": 96}
 
 
 async def test_redis_shadow_counts_what_its_twin_counts(redis_client: aioredis.Redis) -> None:

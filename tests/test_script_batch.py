@@ -73,3 +73,44 @@ async def test_close_fails_queued_calls(client: aioredis.Redis) -> None:
     await batcher.close()
     with pytest.raises(redis.exceptions.ConnectionError):
         await call
+
+
+# A bulk twin of INCR: ARGV[2] = n answers n identical callers, stopping at a value over 4.
+BULK_INCR = """
+local n = tonumber(ARGV[2] or "")
+if not n then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
+local replies = {}
+for i = 1, n do
+  replies[i] = redis.call('INCRBY', KEYS[1], ARGV[1])
+  if replies[i] > 4 then break end
+end
+return replies
+"""
+
+
+async def evalsha_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_bulk_script_answers_identical_calls_with_one_run_each_its_own_reply(
+    client: aioredis.Redis,
+) -> None:
+    batcher = ScriptBatcher(client, BULK_INCR, timeout=2.0, bulk=True)
+    await batcher.call(["warm"], ["1"])
+    before = await evalsha_calls(client)
+    same = [batcher.call(["n"], ["1"]) for _ in range(3)]
+    other = batcher.call(["m"], ["10"])
+    assert await asyncio.gather(*same, other) == [1, 2, 3, 10]
+    assert await evalsha_calls(client) - before == 2  # one bulk of three, one single call
+    # The script stopped at 5: the callers it did not answer share its last reply.
+    assert await asyncio.gather(*(batcher.call(["n"], ["1"]) for _ in range(4))) == [4, 5, 5, 5]
+    await batcher.close()
+
+
+async def test_a_bulk_is_sent_again_after_the_script_was_flushed(client: aioredis.Redis) -> None:
+    batcher = ScriptBatcher(client, BULK_INCR, timeout=2.0, bulk=True)
+    await batcher.call(["warm"], ["1"])
+    await client.script_flush()
+    assert await asyncio.gather(*(batcher.call(["n"], ["2"]) for _ in range(3))) == [2, 4, 6]
+    await batcher.close()

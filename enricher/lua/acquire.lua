@@ -28,6 +28,8 @@
 -- ARGV[9]  replay share in (0, 1]; absent or empty = a live call (KEYS[8..9] are then unused)
 -- ARGV[10] the caller's sight: the `sight` of the last reply it got ("" = none yet); absent =
 --          no recovery from lost state (scripted tests only; every worker passes it)
+-- ARGV[11] optional n: a bulk of n decisions for n callers with these same arguments; the reply
+--          is then a list of up to n replies (see "Bulk" at the end)
 --
 -- Returns {granted, wait_us, reason, rem_minute, rem_hour, rem_day, rem_month, rate, number,
 -- sight}:
@@ -169,220 +171,238 @@ local function period_of(name, secs)
     string.format("%04d-%02d", y, m)
 end
 
-local now
-if ARGV[8] and ARGV[8] ~= "" then
-  now = tonumber(ARGV[8])
-else
-  local t = redis.call("TIME")
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
-local share
-if ARGV[9] and ARGV[9] ~= "" then
-  share = tonumber(ARGV[9])
-  if not (share and share > 0 and share <= 1) then
-    return redis.error_reply("replay share must be in (0, 1], got " .. ARGV[9])
+-- One decision; `sight_arg` is the caller's sight (ARGV[10], or in a bulk the previous reply's).
+local function decide(sight_arg)
+  local now
+  if ARGV[8] and ARGV[8] ~= "" then
+    now = tonumber(ARGV[8])
+  else
+    local t = redis.call("TIME")
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   end
-  if not KEYS[9] then return redis.error_reply("a replay call needs KEYS[1] to KEYS[9]") end
-end
 
--- Effective limits: run-time overrides (HSET by `enricher limits set`) win over the config.
-local ov = {}
-local flat = redis.call("HGETALL", KEYS[3])
-for i = 1, #flat, 2 do ov[flat[i]] = tonumber(flat[i + 1]) end
-local rate = ov["rate"] or tonumber(ARGV[1])
-local burst = ov["burst"] or tonumber(ARGV[2])
-if not (rate > 0) then rate = tonumber(ARGV[1]) end
-if not (burst >= 1) then burst = tonumber(ARGV[2]) end
-local max_wait = tonumber(ARGV[3])
-
--- The server's budget: calls it has left, and until when (see the header).
-local server_left, server_reset
-if KEYS[6] then
-  local budget = redis.call("HMGET", KEYS[5], "limit", "reset_at")
-  local limit, reset_at = tonumber(budget[1]), tonumber(budget[2])
-  if limit and reset_at and reset_at > now then
-    server_left = limit - tonumber(redis.call("GET", KEYS[6]) or "0")
-    server_reset = reset_at
-    local pace = server_left * 1000000 / (reset_at - now)
-    if server_left > 0 and pace < rate then rate, burst = pace, 1 end
-  end
-end
-
--- Quotas: limit, key and period of each period that has one.
-local secs = floor(now / 1000000)
-local quotas, remaining = {}, {}
-for i, name in ipairs(PERIODS) do
-  local limit = ov["quota:" .. name] or tonumber(ARGV[3 + i])
-  remaining[i] = -1
-  if limit >= 0 then
-    local _, stop, stamp = period_of(name, secs)
-    local key = KEYS[4] .. name .. ":" .. stamp
-    quotas[#quotas + 1] = {i = i, name = name, key = key, stamp = stamp, limit = limit, stop = stop,
-      ttl = math.ceil((stop * 1000000 - now) / 1000) + 60000, base_key = key .. ":base",
-      used = tonumber(redis.call("GET", key) or "0")}
-  end
-end
-
--- (0) Recovery from lost state (see the header), when the caller reports its sight (ARGV[10]).
-local epoch, granted_count = "", 0
-if ARGV[10] then
-  local words, seen = {}, {}
-  for word in string.gmatch(ARGV[10], "%S+") do words[#words + 1] = word end
-  local seen_epoch, seen_granted = tonumber(words[1] or ""), tonumber(words[2] or "") or 0
-  for i = 3, #words do
-    local name, stamp, used = string.match(words[i], "^(%a+)=([^=]+)=(%d+)$")
-    if name then seen[name] = {stamp = stamp, used = tonumber(used)} end
-  end
-  local epoch_key = KEYS[4] .. "epoch"
-  local stored = tonumber(redis.call("GET", epoch_key) or "")
-  if KEYS[6] then granted_count = tonumber(redis.call("GET", KEYS[6]) or "0") end
-  local lost = not stored or (seen_epoch ~= nil and (seen_epoch > stored
-    or (seen_epoch == stored and seen_granted > granted_count)))
-  if lost then
-    -- A new epoch: the counters as they are now are its base, and the bucket starts past every
-    -- slot reserved before the loss (max_wait ahead at most) plus a full bucket's worth.
-    stored = math.max(now, (seen_epoch or 0) + 1)
-    for _, q in ipairs(quotas) do
-      redis.call("SET", q.base_key, string.format("%.0f", q.used), "PX", q.ttl)
+  local share
+  if ARGV[9] and ARGV[9] ~= "" then
+    share = tonumber(ARGV[9])
+    if not (share and share > 0 and share <= 1) then
+      return redis.error_reply("replay share must be in (0, 1], got " .. ARGV[9])
     end
-    local after = now + max_wait + burst * math.ceil(1000000 / rate)
-    if tonumber(redis.call("GET", KEYS[1]) or "0") < after then
-      redis.call("SET", KEYS[1], string.format("%.0f", after), "PX",
-        math.ceil((after - now) / 1000) + 1000)
+    if not KEYS[9] then return redis.error_reply("a replay call needs KEYS[1] to KEYS[9]") end
+  end
+
+  -- Effective limits: run-time overrides (HSET by `enricher limits set`) win over the config.
+  local ov = {}
+  local flat = redis.call("HGETALL", KEYS[3])
+  for i = 1, #flat, 2 do ov[flat[i]] = tonumber(flat[i + 1]) end
+  local rate = ov["rate"] or tonumber(ARGV[1])
+  local burst = ov["burst"] or tonumber(ARGV[2])
+  if not (rate > 0) then rate = tonumber(ARGV[1]) end
+  if not (burst >= 1) then burst = tonumber(ARGV[2]) end
+  local max_wait = tonumber(ARGV[3])
+
+  -- The server's budget: calls it has left, and until when (see the header).
+  local server_left, server_reset
+  if KEYS[6] then
+    local budget = redis.call("HMGET", KEYS[5], "limit", "reset_at")
+    local limit, reset_at = tonumber(budget[1]), tonumber(budget[2])
+    if limit and reset_at and reset_at > now then
+      server_left = limit - tonumber(redis.call("GET", KEYS[6]) or "0")
+      server_reset = reset_at
+      local pace = server_left * 1000000 / (reset_at - now)
+      if server_left > 0 and pace < rate then rate, burst = pace, 1 end
     end
   end
-  epoch = string.format("%.0f", stored)
-  redis.call("SET", epoch_key, epoch, "PX", EPOCH_TTL_MS)
-  if seen_epoch ~= nil and seen_epoch ~= stored then
-    -- A sight from an earlier epoch: lower bounds of the counters before the loss.
-    if KEYS[6] and seen_granted > granted_count then
-      granted_count = seen_granted
-      redis.call("SET", KEYS[6], string.format("%.0f", granted_count), "PX", GRANTED_TTL_MS)
+
+  -- Quotas: limit, key and period of each period that has one.
+  local secs = floor(now / 1000000)
+  local quotas, remaining = {}, {}
+  for i, name in ipairs(PERIODS) do
+    local limit = ov["quota:" .. name] or tonumber(ARGV[3 + i])
+    remaining[i] = -1
+    if limit >= 0 then
+      local _, stop, stamp = period_of(name, secs)
+      local key = KEYS[4] .. name .. ":" .. stamp
+      quotas[#quotas + 1] = {i = i, name = name, key = key, stamp = stamp, limit = limit, stop = stop,
+        ttl = math.ceil((stop * 1000000 - now) / 1000) + 60000, base_key = key .. ":base",
+        used = tonumber(redis.call("GET", key) or "0")}
     end
-    for _, q in ipairs(quotas) do
-      local sight = seen[q.name]
-      local base = tonumber(redis.call("GET", q.base_key) or "")
-      if sight and sight.stamp == q.stamp and base and sight.used > base then
-        redis.call("INCRBY", q.key, sight.used - base)
-        redis.call("PEXPIRE", q.key, q.ttl)
-        redis.call("SET", q.base_key, string.format("%.0f", sight.used), "PX", q.ttl)
-        q.used = q.used + sight.used - base
+  end
+
+  -- (0) Recovery from lost state (see the header), when the caller reports its sight (sight_arg).
+  local epoch, granted_count = "", 0
+  if sight_arg then
+    local words, seen = {}, {}
+    for word in string.gmatch(sight_arg, "%S+") do words[#words + 1] = word end
+    local seen_epoch, seen_granted = tonumber(words[1] or ""), tonumber(words[2] or "") or 0
+    for i = 3, #words do
+      local name, stamp, used = string.match(words[i], "^(%a+)=([^=]+)=(%d+)$")
+      if name then seen[name] = {stamp = stamp, used = tonumber(used)} end
+    end
+    local epoch_key = KEYS[4] .. "epoch"
+    local stored = tonumber(redis.call("GET", epoch_key) or "")
+    if KEYS[6] then granted_count = tonumber(redis.call("GET", KEYS[6]) or "0") end
+    local lost = not stored or (seen_epoch ~= nil and (seen_epoch > stored
+      or (seen_epoch == stored and seen_granted > granted_count)))
+    if lost then
+      -- A new epoch: the counters as they are now are its base, and the bucket starts past every
+      -- slot reserved before the loss (max_wait ahead at most) plus a full bucket's worth.
+      stored = math.max(now, (seen_epoch or 0) + 1)
+      for _, q in ipairs(quotas) do
+        redis.call("SET", q.base_key, string.format("%.0f", q.used), "PX", q.ttl)
+      end
+      local after = now + max_wait + burst * math.ceil(1000000 / rate)
+      if tonumber(redis.call("GET", KEYS[1]) or "0") < after then
+        redis.call("SET", KEYS[1], string.format("%.0f", after), "PX",
+          math.ceil((after - now) / 1000) + 1000)
+      end
+    end
+    epoch = string.format("%.0f", stored)
+    redis.call("SET", epoch_key, epoch, "PX", EPOCH_TTL_MS)
+    if seen_epoch ~= nil and seen_epoch ~= stored then
+      -- A sight from an earlier epoch: lower bounds of the counters before the loss.
+      if KEYS[6] and seen_granted > granted_count then
+        granted_count = seen_granted
+        redis.call("SET", KEYS[6], string.format("%.0f", granted_count), "PX", GRANTED_TTL_MS)
+      end
+      for _, q in ipairs(quotas) do
+        local sight = seen[q.name]
+        local base = tonumber(redis.call("GET", q.base_key) or "")
+        if sight and sight.stamp == q.stamp and base and sight.used > base then
+          redis.call("INCRBY", q.key, sight.used - base)
+          redis.call("PEXPIRE", q.key, q.ttl)
+          redis.call("SET", q.base_key, string.format("%.0f", sight.used), "PX", q.ttl)
+          q.used = q.used + sight.used - base
+        end
       end
     end
   end
-end
 
--- What is left of each quota (and the replay's cap and use).
-for _, q in ipairs(quotas) do
-  remaining[q.i] = math.max(0, q.limit - q.used)
-  if share then
-    q.cap_key = KEYS[9] .. "cap:" .. q.name .. ":" .. q.stamp
-    q.used_key = KEYS[9] .. "used:" .. q.name .. ":" .. q.stamp
-    local cap = redis.call("GET", q.cap_key)
-    q.cap = cap and tonumber(cap) or floor(share * remaining[q.i])
-    q.replay_used = tonumber(redis.call("GET", q.used_key) or "0")
-  end
-end
-
--- The caller's next sight: "<epoch> <grants> <period>=<stamp>=<used> ..." after this decision.
-local function sight_of()
-  if epoch == "" then return "" end
-  local parts = {epoch, string.format("%.0f", granted_count)}
+  -- What is left of each quota (and the replay's cap and use).
   for _, q in ipairs(quotas) do
-    parts[#parts + 1] = q.name .. "=" .. q.stamp .. "=" .. string.format("%.0f", q.used)
-  end
-  return table.concat(parts, " ")
-end
-
-local function reply(granted, wait, reason, number)
-  return {granted, math.ceil(wait), reason, remaining[1], remaining[2], remaining[3],
-    remaining[4], tostring(rate), number or -1, sight_of()}
-end
-
--- (1) A server's Retry-After blocks every worker, and so does its spent budget.
-local blocked = tonumber(redis.call("GET", KEYS[2]) or "0")
-if blocked > now then return reply(0, blocked - now, "blocked") end
-if server_left and server_left <= 0 then return reply(0, server_reset - now, "server") end
-
--- (2) A spent quota holds calls until its period ends (or an override raises it); a replay that
--- used its share of a quota is held until the period ends.
-for _, q in ipairs(quotas) do
-  if q.used >= q.limit then return reply(0, q.stop * 1000000 - now, "quota:" .. q.name) end
-end
-if share then
-  for _, q in ipairs(quotas) do
-    if q.replay_used >= q.cap then
-      return reply(0, q.stop * 1000000 - now, "replay-quota:" .. q.name)
+    remaining[q.i] = math.max(0, q.limit - q.used)
+    if share then
+      q.cap_key = KEYS[9] .. "cap:" .. q.name .. ":" .. q.stamp
+      q.used_key = KEYS[9] .. "used:" .. q.name .. ":" .. q.stamp
+      local cap = redis.call("GET", q.cap_key)
+      q.cap = cap and tonumber(cap) or floor(share * remaining[q.i])
+      q.replay_used = tonumber(redis.call("GET", q.used_key) or "0")
     end
   end
-end
 
--- (3) GCRA: emission interval T (rounded up: never faster than the rate), tolerance B*T. `slot`
--- is the earliest moment the call conforms: max(now, tat - (B-1)*T).
-local interval = math.ceil(1000000 / rate)
-local tat = tonumber(redis.call("GET", KEYS[1]) or "0")
-local slot = math.max(now, tat - (burst - 1) * interval)
-local replay_interval, replay_tat
-if share then
-  -- A replay's slot is the later of its bucket's and the shared bucket's, and may not lie past
-  -- the shared TAT: then the shared bucket advances exactly as for a live call (see the header).
-  replay_interval = math.ceil(1000000 / (rate * share))
-  replay_tat = tonumber(redis.call("GET", KEYS[8]) or "0")
-  local replay_slot = replay_tat - (math.max(1, floor(burst * share)) - 1) * replay_interval
-  local horizon = math.max(now, tat)
-  if replay_slot > horizon then return reply(0, replay_slot - horizon, "replay-rate") end
-  slot = math.max(slot, replay_slot)
-end
-local wait = slot - now
-if wait > max_wait then return reply(0, wait - max_wait, "rate") end
+  -- The caller's next sight: "<epoch> <grants> <period>=<stamp>=<used> ..." after this decision.
+  local function sight_of()
+    if epoch == "" then return "" end
+    local parts = {epoch, string.format("%.0f", granted_count)}
+    for _, q in ipairs(quotas) do
+      parts[#parts + 1] = q.name .. "=" .. q.stamp .. "=" .. string.format("%.0f", q.used)
+    end
+    return table.concat(parts, " ")
+  end
 
--- Reserve: a bucket is full again at its new TAT, so its key may vanish a second after that.
-local function reserve(key, old_tat, step)
-  local new_tat = math.max(old_tat, slot) + step
-  redis.call("SET", key, string.format("%.0f", new_tat), "PX", math.ceil((new_tat - now) / 1000) + 1000)
-end
-reserve(KEYS[1], tat, interval)
-if share then reserve(KEYS[8], replay_tat, replay_interval) end
-for _, q in ipairs(quotas) do
-  local ttl = q.ttl
-  redis.call("INCR", q.key)
-  redis.call("PEXPIRE", q.key, ttl)
+  local function reply(granted, wait, reason, number)
+    return {granted, math.ceil(wait), reason, remaining[1], remaining[2], remaining[3],
+      remaining[4], tostring(rate), number or -1, sight_of()}
+  end
+
+  -- (1) A server's Retry-After blocks every worker, and so does its spent budget.
+  local blocked = tonumber(redis.call("GET", KEYS[2]) or "0")
+  if blocked > now then return reply(0, blocked - now, "blocked") end
+  if server_left and server_left <= 0 then return reply(0, server_reset - now, "server") end
+
+  -- (2) A spent quota holds calls until its period ends (or an override raises it); a replay that
+  -- used its share of a quota is held until the period ends.
+  for _, q in ipairs(quotas) do
+    if q.used >= q.limit then return reply(0, q.stop * 1000000 - now, "quota:" .. q.name) end
+  end
   if share then
-    redis.call("SET", q.cap_key, string.format("%.0f", q.cap), "NX", "PX", ttl)
-    redis.call("INCR", q.used_key)
-    redis.call("PEXPIRE", q.used_key, ttl)
+    for _, q in ipairs(quotas) do
+      if q.replay_used >= q.cap then
+        return reply(0, q.stop * 1000000 - now, "replay-quota:" .. q.name)
+      end
+    end
   end
-  q.used = q.used + 1
-  remaining[q.i] = math.max(0, q.limit - q.used)
+
+  -- (3) GCRA: emission interval T (rounded up: never faster than the rate), tolerance B*T. `slot`
+  -- is the earliest moment the call conforms: max(now, tat - (B-1)*T).
+  local interval = math.ceil(1000000 / rate)
+  local tat = tonumber(redis.call("GET", KEYS[1]) or "0")
+  local slot = math.max(now, tat - (burst - 1) * interval)
+  local replay_interval, replay_tat
+  if share then
+    -- A replay's slot is the later of its bucket's and the shared bucket's, and may not lie past
+    -- the shared TAT: then the shared bucket advances exactly as for a live call (see the header).
+    replay_interval = math.ceil(1000000 / (rate * share))
+    replay_tat = tonumber(redis.call("GET", KEYS[8]) or "0")
+    local replay_slot = replay_tat - (math.max(1, floor(burst * share)) - 1) * replay_interval
+    local horizon = math.max(now, tat)
+    if replay_slot > horizon then return reply(0, replay_slot - horizon, "replay-rate") end
+    slot = math.max(slot, replay_slot)
+  end
+  local wait = slot - now
+  if wait > max_wait then return reply(0, wait - max_wait, "rate") end
+
+  -- Reserve: a bucket is full again at its new TAT, so its key may vanish a second after that.
+  local function reserve(key, old_tat, step)
+    local new_tat = math.max(old_tat, slot) + step
+    redis.call("SET", key, string.format("%.0f", new_tat), "PX", math.ceil((new_tat - now) / 1000) + 1000)
+  end
+  reserve(KEYS[1], tat, interval)
+  if share then reserve(KEYS[8], replay_tat, replay_interval) end
+  for _, q in ipairs(quotas) do
+    local ttl = q.ttl
+    redis.call("INCR", q.key)
+    redis.call("PEXPIRE", q.key, ttl)
+    if share then
+      redis.call("SET", q.cap_key, string.format("%.0f", q.cap), "NX", "PX", ttl)
+      redis.call("INCR", q.used_key)
+      redis.call("PEXPIRE", q.used_key, ttl)
+    end
+    q.used = q.used + 1
+    remaining[q.i] = math.max(0, q.limit - q.used)
+  end
+
+  -- (4) The grant's number; the counter outlives any server budget (at most 31 days).
+  local number
+  if KEYS[6] then
+    number = redis.call("INCR", KEYS[6])
+    redis.call("PEXPIRE", KEYS[6], GRANTED_TTL_MS)
+    granted_count = number
+  end
+
+  -- (5) The shadow limit: measured at the call's slot, never enforced (see the header).
+  local shadow_rate = ov["shadow_rate"]
+  if KEYS[7] and shadow_rate and shadow_rate > 0 then
+    local shadow_burst = math.max(1, ov["shadow_burst"] or 1)
+    local shadow_interval = math.ceil(1000000 / shadow_rate)
+    local tat_key = KEYS[7] .. "tat"
+    local shadow_tat = tonumber(redis.call("GET", tat_key) or "0")
+    local ttl = redis.call("PTTL", KEYS[3])
+    if ttl <= 0 then ttl = 86400000 end
+    if shadow_tat - (shadow_burst - 1) * shadow_interval > slot then
+      redis.call("INCR", KEYS[7] .. "delayed")
+      redis.call("PEXPIRE", KEYS[7] .. "delayed", ttl)
+    else
+      local new_tat = math.max(shadow_tat, slot) + shadow_interval
+      redis.call("SET", tat_key, string.format("%.0f", new_tat), "PX",
+        math.ceil((new_tat - now) / 1000) + 1000)
+    end
+    redis.call("INCR", KEYS[7] .. "calls")
+    redis.call("PEXPIRE", KEYS[7] .. "calls", ttl)
+  end
+  return reply(1, wait, "", number)
 end
 
--- (4) The grant's number; the counter outlives any server budget (at most 31 days).
-local number
-if KEYS[6] then
-  number = redis.call("INCR", KEYS[6])
-  redis.call("PEXPIRE", KEYS[6], GRANTED_TTL_MS)
-  granted_count = number
+-- Bulk: ARGV[11] = n answers n callers that sent these same arguments (one pipeline entry
+-- instead of n): n decisions in a row, each after the one before and with its sight, as if
+-- the n calls had come one after another. It stops at the first refusal or error, which the
+-- callers not answered share (each would have got the same: a refusal changes nothing).
+local count = tonumber(ARGV[11] or "")
+if not count then return decide(ARGV[10]) end
+local replies, sight = {}, ARGV[10]
+for i = 1, count do
+  local r = decide(sight)
+  replies[i] = r
+  if r.err or r[1] == 0 then break end
+  sight = r[10]
 end
-
--- (5) The shadow limit: measured at the call's slot, never enforced (see the header).
-local shadow_rate = ov["shadow_rate"]
-if KEYS[7] and shadow_rate and shadow_rate > 0 then
-  local shadow_burst = math.max(1, ov["shadow_burst"] or 1)
-  local shadow_interval = math.ceil(1000000 / shadow_rate)
-  local tat_key = KEYS[7] .. "tat"
-  local shadow_tat = tonumber(redis.call("GET", tat_key) or "0")
-  local ttl = redis.call("PTTL", KEYS[3])
-  if ttl <= 0 then ttl = 86400000 end
-  if shadow_tat - (shadow_burst - 1) * shadow_interval > slot then
-    redis.call("INCR", KEYS[7] .. "delayed")
-    redis.call("PEXPIRE", KEYS[7] .. "delayed", ttl)
-  else
-    local new_tat = math.max(shadow_tat, slot) + shadow_interval
-    redis.call("SET", tat_key, string.format("%.0f", new_tat), "PX",
-      math.ceil((new_tat - now) / 1000) + 1000)
-  end
-  redis.call("INCR", KEYS[7] .. "calls")
-  redis.call("PEXPIRE", KEYS[7] .. "calls", ttl)
-end
-return reply(1, wait, "", number)
+return replies
