@@ -74,13 +74,16 @@ async def test_cold_replay_keeps_to_its_share_while_live_events_flow(
     live_times = sorted(everything.times)[n:]  # outputs of the live events sent during the replay
     assert len(live_times) == len(live)
 
-    # Rates from the outputs' broker timestamps: the replay never beyond its share of the rate,
-    # live events at (most of) the rest while the replay runs.
+    # The replay never beyond its share of the rate (its outputs' broker timestamps).
     replay_span = (max(got.replay_times) - min(got.replay_times)) / 1000
     replay_burst = max(1, int(3 * share))
     assert (n - replay_burst) / replay_span <= rate * share * 1.1
-    live_span = (live_times[-1] - live_times[0]) / 1000
-    assert len(live_times) / live_span >= 0.7 * rate * (1 - share)
+    # Live traffic keeps the rest of the rate: its calls as the API saw them (its outputs can
+    # come in bursts: one waiting for a token holds back those behind it in its partition).
+    live_calls = sorted(c["time"] for c in sandbox.calls() if "/10.8.0." in c["path"])
+    assert len(live_calls) == len(live)
+    live_span = live_calls[-1] - live_calls[0]
+    assert (len(live_calls) - 1) / live_span >= 0.7 * rate * (1 - share), live_calls
     assert live_times[-1] < max(got.replay_times)  # live did not wait for the replay
     stats = sandbox.stats()
     assert stats["calls"] == 2 * n + len(live)
