@@ -117,13 +117,23 @@ class LimiterBase:
         """Ask until a decision grants a slot (sleeping between refusals)."""
         held = False
         while True:
-            decision = await self._guard.run(self._decide(api, lane))
+            decision = await self._ask(api, lane)
             if lane is not None and held != decision.reason.startswith("replay-quota"):
                 held = not held
                 await self._tell_hold(api, lane, decision.reason if held else None)
             if decision.granted:
                 return decision
             await self._guard.run(self._sleep(self._retry_delay(decision)))
+
+    async def _ask(self, api: str, lane: Lane | None) -> Decision:
+        """One decision. Not run as a guarded task like the waits (a task per decision cost a
+        busy worker a few percent of its CPU): a decision is short (Redis calls time out, and
+        closing the Redis limiter fails its queued and sent decisions at once), and a close
+        meanwhile is caught as soon as it returns."""
+        self._guard.check()
+        decision = await self._decide(api, lane)
+        self._guard.check()
+        return decision
 
     async def _tell_hold(self, api: str, lane: Lane, reason: str | None) -> None:
         if self.on_replay_hold is None:

@@ -30,6 +30,11 @@ class ShutdownGuard:
         for future in list(self._pending):
             future.cancel()
 
+    def check(self) -> None:
+        """Raise ShuttingDown if the guard is closed (for steps not worth a task of their own)."""
+        if self.closed:
+            raise ShuttingDown(f"the {self._what} is closed")
+
     async def run(self, step: Awaitable[T]) -> T:
         """Await ``step``; ShuttingDown if the guard is (or gets) closed meanwhile."""
         if self.closed:
