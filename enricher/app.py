@@ -26,7 +26,7 @@ from faust.types import TP
 from .config import Config
 from .errors import ShuttingDown
 from .heartbeat import Heartbeat
-from .intake import Intake
+from .intake import Intake, deliver_directly
 from .kafka_security import faust_credentials
 from .monitor import WorkerMonitor
 from .pipeline import OutputTooLarge, Pipeline, SinkUnavailable
@@ -182,6 +182,7 @@ class EnricherApp:
         )
         self.monitor.attach(self._runtime)
         _before_revocation(self.faust.consumer, self._settle_revoked)
+        deliver_directly(self.faust.consumer)
         self._heartbeat = Heartbeat(self.monitor, self._runtime.redis)
         self._heartbeat.start()
         self._ready.set()

@@ -7,9 +7,11 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import faust
 import pytest
+from mode.utils.locks import Event as ModeEvent
 
-from enricher.intake import Intake, IntakeQueue
+from enricher.intake import Intake, IntakeQueue, deliver_directly
 
 
 @dataclass
@@ -105,3 +107,57 @@ async def test_intake_subscribes_its_channel_and_skips_what_a_faust_stream_skips
     intake.queue.put_nowait_enhanced(events(4, generation=1)[0])
     intake.queue.put_nowait_enhanced(events(5, generation=2)[0])
     assert [e.message.offset for e in await asyncio.wait_for(pending, 1)] == [5]
+
+
+class Consumer:
+    """What ``deliver_directly`` needs of Faust's consumer, with Faust's wait_first counted."""
+
+    def __init__(self) -> None:
+        self.suspend_flow = ModeEvent()
+        self.faust_calls = 0
+
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> str:
+        self.faust_calls += 1
+        for coro in coros:
+            coro.close()
+        return "faust"
+
+
+async def test_deliveries_are_awaited_directly_while_the_flow_is_not_suspended() -> None:
+    consumer = Consumer()
+    deliver_directly(consumer)
+    delivered: list[int] = []
+
+    async def deliver(n: int) -> int:
+        delivered.append(n)
+        return n
+
+    result = await consumer.wait_first(deliver(1), consumer.suspend_flow.wait())
+    assert result.results == [1] and delivered == [1] and consumer.faust_calls == 0
+    # anything else is Faust's: another event, a timeout, a suspended flow
+    assert await consumer.wait_first(deliver(2), ModeEvent().wait()) == "faust"
+    assert await consumer.wait_first(deliver(3), consumer.suspend_flow.wait(), timeout=1) == "faust"
+    consumer.suspend_flow.set()
+    assert await consumer.wait_first(deliver(4), consumer.suspend_flow.wait()) == "faust"
+    assert delivered == [1] and consumer.faust_calls == 3
+
+
+async def test_faust_consumers_own_suspend_flow_wait_is_recognised() -> None:
+    app = faust.App("intake-test", broker="kafka://127.0.0.1:1", autodiscover=False)
+    consumer = app.consumer  # created, never started: no broker needed
+    faust_calls: list[int] = []
+    faust_wait_first = consumer.wait_first
+
+    async def counted(*coros: Any, timeout: Any = None) -> Any:
+        faust_calls.append(1)
+        return await faust_wait_first(*coros, timeout=timeout)
+
+    consumer.wait_first = counted
+    deliver_directly(consumer)
+
+    async def deliver() -> str:
+        return "delivered"
+
+    # the call Faust's fetch loop makes for every message
+    result = await consumer.wait_first(deliver(), consumer.suspend_flow.wait())
+    assert result.results == ["delivered"] and faust_calls == []
