@@ -32,14 +32,24 @@ __all__ = ["Runtime", "connect_redis"]
 T = TypeVar("T")
 
 
+REDIS_CONNECTIONS = 100  # per worker process; more concurrent commands wait for one
+
+
 def connect_redis(config: Config) -> aioredis.Redis:
-    """A Redis client for the configured URL (``rediss://`` for TLS); connects lazily."""
-    return aioredis.Redis.from_url(
+    """A Redis client for the configured URL (``rediss://`` for TLS); connects lazily.
+
+    Its pool *waits* (up to the socket timeout) for a free connection: the default pool raises
+    ``MaxConnectionsError`` at once, which a burst of concurrent cache lookups (one per event in
+    flight) turned into "Redis unavailable": calls made without the cache, and paused."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         config.redis.url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=2.0,
         socket_connect_timeout=2.0,
         socket_timeout=2.0,
         health_check_interval=10,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def http_session() -> aiohttp.ClientSession:
