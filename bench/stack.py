@@ -319,7 +319,9 @@ class Run:
             rate=rate,
             concurrency=concurrency,
         )
-        command = ["env", *env.assignments(), sys.executable, "-m", module, "worker"]
+        # The bench's own modules run from the checkout (they are not an installed package).
+        root = f"PYTHONPATH={Path(__file__).resolve().parent.parent}"
+        command = ["env", *env.assignments(), root, sys.executable, "-m", module, "worker"]
         self._start([*command, "--loglevel", "warn"])
 
     def _start(self, command: list[str]) -> None:
