@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -101,7 +102,20 @@ class Intake:
                 continue  # mid-rebalance: all of it is read again from the committed offsets
             generation = app.consumer_generation_id
             if current := [event for event in batch if event.message.generation_id == generation]:
+                _seen_by_stream(app, current)
                 yield current
+
+
+def _seen_by_stream(app: Any, events: list[Any]) -> None:
+    """Tell Faust's monitor that these partitions' events are being processed, as a stream's
+    sensor would: its consumer logs "stream has not started processing" errors for a partition
+    with a backlog whose last inbound event is older than ``stream_processing_timeout``."""
+    monitor = getattr(app, "monitor", None)
+    if monitor is None:
+        return
+    now = time.monotonic()
+    for tp in {event.message.tp for event in events}:
+        monitor.stream_inbound_time[tp] = now
 
 
 def deliver_directly(consumer: Any) -> None:

@@ -19,6 +19,10 @@ class Message:
     offset: int
     generation_id: int = 1
 
+    @property
+    def tp(self) -> tuple[str, int]:
+        return ("in", self.offset % 2)
+
 
 @dataclass
 class Event:
@@ -42,10 +46,16 @@ class Topics:
 
 
 @dataclass
+class Monitor:
+    stream_inbound_time: dict[Any, float] = field(default_factory=dict)
+
+
+@dataclass
 class App:
     flow_control: FlowControl = field(default_factory=FlowControl)
     consumer_generation_id: int = 1
     topics: Topics = field(default_factory=Topics)
+    monitor: Monitor = field(default_factory=Monitor)
 
 
 class Topic:
@@ -97,6 +107,8 @@ async def test_intake_subscribes_its_channel_and_skips_what_a_faust_stream_skips
     for event in events(1, 2):
         intake.queue.put_nowait_enhanced(event)
     assert [e.message.offset for e in await anext(batches)] == [1, 2]
+    # Faust's monitor sees its partitions processed, as a stream's sensor would tell it
+    assert set(app.monitor.stream_inbound_time) == {("in", 0), ("in", 1)}
     app.flow_control.active = False  # mid-rebalance: read again from the committed offsets
     intake.queue.put_nowait_enhanced(events(3)[0])
     pending = asyncio.ensure_future(anext(batches))
