@@ -1,10 +1,11 @@
 """Bounded fan-out of events: many in flight, per-key order kept, acks released in offset order.
 
-The Faust agent hands every consumed record to :meth:`Pipeline.submit` (agent concurrency stays
-1). ``submit`` waits while ``in_flight`` events are already being enriched, which is what bounds
-read-ahead. Each event runs as its own task: wait for the previous event of its key, enrich,
-write the output or dead letter and wait for the broker's acknowledgement, then mark the offset
-finished. Tokens (Faust events) are released to the acker strictly in offset order per partition.
+The worker's loop for a topic (:mod:`enricher.app`) hands every consumed record to
+:meth:`Pipeline.submit`, one at a time. ``submit`` waits while ``in_flight`` events are already
+being enriched, which is what bounds read-ahead. Each event runs as its own task: wait for the
+previous event of its key, enrich, write the output or dead letter and wait for the broker's
+acknowledgement, then mark the offset finished. Tokens (Faust events) are released to the
+acker strictly in offset order per partition.
 
 Writes of one partition also *begin* in offset order (an event enriched early waits for every
 earlier offset's write to begin), so what is written is always a prefix of what is submitted: at a
@@ -221,7 +222,7 @@ class Pipeline(Generic[T]):
                     completed = True
         except (ShuttingDown, asyncio.CancelledError):
             pass  # left unacked: it will be consumed again
-        except Exception:  # a bug; never let it kill the agent or lose the event silently
+        except Exception:  # a bug; never let it kill the loop or lose the event silently
             log.exception("unexpected error enriching %s; left unacked", record.source)
         finally:
             self._keys.leave(record.key, turn, completed=completed)
