@@ -151,12 +151,9 @@ class EnricherApp:
             self._topic(config.topics.output),
             self._topic(config.topics.dead_letter),
         ]
-        # Room past the pressure mark for one more fetch from each partition (each one stops
-        # being fetched once it adds to a queue past the mark): the fetch loop never waits.
         buffer = settings["stream_buffer_maxsize"]
-        spare = settings["broker_max_poll_records"] * config.kafka.partitions
-        self._live_intake = Intake(self.faust, self.input_topic, buffer, spare=spare)
-        self._replay_intake = Intake(self.faust, self.replay_topic, buffer, spare=spare)
+        self._live_intake = Intake(self.faust, self.input_topic, buffer)
+        self._replay_intake = Intake(self.faust, self.replay_topic, buffer)
         self.faust.task(self._live_loop)
         self.faust.task(self._replay_loop)
         self.faust.task(self._start_runtime)

@@ -22,7 +22,7 @@ import asyncio
 import inspect
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from mode.services import WaitResults
@@ -35,28 +35,15 @@ class IntakeQueue:
 
     It offers what the conductor calls: ``full``, ``put_nowait_enhanced`` and ``put`` (awaited
     when full, which holds the conductor, and so the fetcher, until the worker takes the batch).
-    Like Faust's own queues it reports pressure: once it holds 80% of ``maxsize`` it calls the
-    conductor's ``on_pressure_high`` (the consumer stops fetching that partition), and its
-    ``on_pressure_drop`` once the worker has taken the batch. Unlike them it is full only past
-    ``maxsize + spare``, room for the fetches already made (the worker gives one fetch,
-    ``max_poll_records``, per partition): a fetch that tops up a nearly full queue would
-    otherwise hold the fetch loop, and with it every other topic, until the worker takes its
-    next batch. So a slow topic (a replay held to its share) queues its backlog without holding
-    live events back.
     """
 
-    PRESSURE_HIGH = 0.8  # of maxsize (Faust's queues: maxsize / 1.25)
-
-    def __init__(self, maxsize: int, spare: int = 0) -> None:
-        if maxsize < 1 or spare < 0:
-            raise ValueError(f"maxsize must be >= 1 and spare >= 0, got {maxsize} and {spare}")
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize}")
         self.maxsize = maxsize
-        self._capacity = maxsize + spare
-        self._pressure_high = max(1, int(maxsize * self.PRESSURE_HIGH))
         self._items: deque[Any] = deque()
         self._filled = asyncio.Event()  # something to take
         self._emptied = asyncio.Event()  # room again
-        self._pressure_drops: set[Callable[[], None]] = set()  # to call once the batch is taken
 
     def __len__(self) -> int:
         return len(self._items)
@@ -65,24 +52,10 @@ class IntakeQueue:
         return not self._items
 
     def full(self) -> bool:
-        return len(self._items) >= self._capacity
+        return len(self._items) >= self.maxsize
 
-    def put_nowait_enhanced(
-        self,
-        value: Any,
-        *,
-        on_pressure_high: Callable[[], None] | None = None,
-        on_pressure_drop: Callable[[], None] | None = None,
-    ) -> None:
-        """Append ``value``; past the pressure mark, report it (once until the drop)."""
-        if (
-            on_pressure_high is not None
-            and on_pressure_drop is not None
-            and on_pressure_drop not in self._pressure_drops
-            and len(self._items) >= self._pressure_high
-        ):
-            self._pressure_drops.add(on_pressure_drop)
-            on_pressure_high()
+    def put_nowait_enhanced(self, value: Any, **_callbacks: Any) -> None:
+        """Append ``value`` (Faust's pressure callbacks are not needed: ``put`` holds)."""
         self._items.append(value)
         self._filled.set()
 
@@ -102,24 +75,21 @@ class IntakeQueue:
             self._filled.clear()
             await self._filled.wait()
         batch = list(self._items)
-        self.clear()
+        self._items.clear()
+        self._emptied.set()
         return batch
 
     def clear(self) -> None:
-        """Drop what is queued; the pressure is gone."""
         self._items.clear()
         self._emptied.set()
-        drops, self._pressure_drops = self._pressure_drops, set()
-        for on_pressure_drop in drops:
-            on_pressure_drop()
 
 
 class Intake:
     """One topic's events for one worker loop, in batches (see the module docstring)."""
 
-    def __init__(self, app: Any, topic: Any, maxsize: int, spare: int = 0) -> None:
+    def __init__(self, app: Any, topic: Any, maxsize: int) -> None:
         self._app = app
-        self.queue = IntakeQueue(maxsize, spare)
+        self.queue = IntakeQueue(maxsize)
         self.channel = topic.clone_using_queue(self.queue)
         app.topics.add(self.channel)  # the consumer subscribes to what the conductor holds
 

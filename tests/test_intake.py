@@ -81,7 +81,7 @@ async def test_take_returns_everything_queued_in_order_and_waits_when_empty() ->
 
 
 async def test_put_holds_while_full_until_a_batch_is_taken() -> None:
-    queue = IntakeQueue(1, spare=1)  # full at 2: maxsize and the rest of a fetch
+    queue = IntakeQueue(2)
     queue.put_nowait(1)
     queue.put_nowait(2)
     assert queue.full()
@@ -94,7 +94,7 @@ async def test_put_holds_while_full_until_a_batch_is_taken() -> None:
 
 
 def test_a_queue_needs_room_for_one() -> None:
-    with pytest.raises(ValueError, match="maxsize must be >= 1 and spare >= 0, got 0 and 0"):
+    with pytest.raises(ValueError, match="maxsize must be >= 1, got 0"):
         IntakeQueue(0)
 
 
@@ -173,23 +173,3 @@ async def test_faust_consumers_own_suspend_flow_wait_is_recognised() -> None:
     # the call Faust's fetch loop makes for every message
     result = await consumer.wait_first(deliver(), consumer.suspend_flow.wait())
     assert result.results == ["delivered"] and faust_calls == []
-
-
-def test_pressure_is_reported_once_past_the_mark_and_dropped_once_taken() -> None:
-    queue = IntakeQueue(5)  # the mark: 4 queued
-    highs: list[str] = []
-    drops: list[str] = []
-
-    def high() -> None:
-        highs.append("tp")
-
-    def drop() -> None:
-        drops.append("tp")
-
-    for value in range(6):
-        queue.put_nowait_enhanced(value, on_pressure_high=high, on_pressure_drop=drop)
-    assert highs == ["tp"] and drops == []  # once, at the fifth put (4 already queued)
-    queue.clear()
-    assert drops == ["tp"]
-    queue.put_nowait_enhanced(6, on_pressure_high=high, on_pressure_drop=drop)
-    assert highs == ["tp"]  # below the mark again
