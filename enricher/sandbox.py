@@ -200,6 +200,7 @@ class _Recorder:
         self.in_flight = self.max_concurrent = 0
         self.max_calls = self.max_admitted = 0
         self.calls: deque[tuple[float, str, str]] = deque(maxlen=CALL_LOG)
+        self.arrived = asyncio.Event()  # set at every arrival (in-process waiters clear it)
 
     def log_call(self, request: web.Request) -> None:
         """Keep the call's arrival time, raw path (as sent, before decoding) and Host header."""
@@ -210,6 +211,7 @@ class _Recorder:
 
     def arrive(self, key: str, second: int) -> None:
         self.counts["calls"] += 1
+        self.arrived.set()
         self.paths[key] += 1
         self.in_flight += 1
         self.max_concurrent = max(self.max_concurrent, self.in_flight)
@@ -515,6 +517,14 @@ class SandboxServer:
     def calls(self) -> list[dict[str, Any]]:
         """The ``/stats/calls`` body: every call's ``time``, raw ``path`` and ``host``."""
         return self._state.recorder.call_log()
+
+    async def wait_for_calls(self, count: int, timeout: float = 30.0) -> None:
+        """Until the sandbox has seen ``count`` calls since its start or reset (in-process:
+        the sandbox must run on this event loop)."""
+        async with asyncio.timeout(timeout):
+            while (recorder := self._state.recorder).counts["calls"] < count:
+                recorder.arrived.clear()
+                await recorder.arrived.wait()
 
     def reset(self) -> None:
         """Forget all counts; the bucket refills and the fault sequence restarts."""

@@ -155,8 +155,7 @@ async def test_replay_stops_at_its_quota_share_and_says_so_while_live_keeps_the_
         # polls the registry through the CLI, as an operator would
         while (status := await status_of(stack, config, replay_id))["state"] != "held":  # noqa: ASYNC110
             await asyncio.sleep(0.2)
-        while sandbox.stats()["calls"] < n + cap:  # noqa: ASYNC110 (the last granted call)
-            await asyncio.sleep(0.05)
+        await sandbox.wait_for_calls(n + cap)  # the last granted call
     assert "quota" in status["note"]
     assert status["quota_share"]["geo"]["day"] == {"cap": cap, "used": cap}
     # Outputs are written in offset order per partition: one enriched behind a held event

@@ -230,3 +230,20 @@ def test_default_burst_is_one_seconds_worth() -> None:
     assert SandboxSettings(rate=12.5).effective_burst == 13
     assert SandboxSettings(rate=0.5).effective_burst == 1
     assert SandboxSettings(rate=5, burst=2).effective_burst == 2
+
+
+async def test_wait_for_calls_returns_once_that_many_arrived(
+    session: aiohttp.ClientSession,
+) -> None:
+    server = await serve()
+    try:
+        waiting = asyncio.ensure_future(server.wait_for_calls(2))
+        await get(session, f"{server.url}/geo/10.0.0.1")
+        await asyncio.sleep(0)
+        assert not waiting.done()  # one of two
+        await get(session, f"{server.url}/geo/10.0.0.2")
+        await asyncio.wait_for(waiting, 2)
+        with pytest.raises(TimeoutError):
+            await server.wait_for_calls(3, timeout=0.1)  # nobody calls
+    finally:
+        await server.close()
