@@ -2,7 +2,7 @@
 
 ``create_app(config)`` returns an :class:`EnricherApp` (the Faust app plus the worker's runtime);
 there is no module-level app. Faust consumes, rebalances and commits; instead of an agent's
-stream (whose per-event machinery cost as much as the rest of the worker), each input topic's
+stream (whose per-event machinery was a large part of the worker's CPU), each input topic's
 events are taken in batches (:mod:`enricher.intake`) by one loop. Events are acked in offset
 order, only after their output or dead letter is acknowledged by the broker.
 

@@ -45,9 +45,6 @@ class IntakeQueue:
         self._filled = asyncio.Event()  # something to take
         self._emptied = asyncio.Event()  # room again
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     def empty(self) -> bool:
         return not self._items
 
@@ -55,12 +52,11 @@ class IntakeQueue:
         return len(self._items) >= self.maxsize
 
     def put_nowait_enhanced(self, value: Any, **_callbacks: Any) -> None:
-        """Append ``value`` (Faust's pressure callbacks are not needed: ``put`` holds)."""
+        """Append ``value``. Faust's pressure callbacks are not used: a full queue holds the
+        fetch loop instead (pausing partitions made each resume wait for the next fetch; see
+        the README's Replays for what holding costs)."""
         self._items.append(value)
         self._filled.set()
-
-    def put_nowait(self, value: Any) -> None:
-        self.put_nowait_enhanced(value)
 
     async def put(self, value: Any) -> None:
         """Append ``value`` once there is room."""
@@ -78,10 +74,6 @@ class IntakeQueue:
         self._items.clear()
         self._emptied.set()
         return batch
-
-    def clear(self) -> None:
-        self._items.clear()
-        self._emptied.set()
 
 
 class Intake:

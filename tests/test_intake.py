@@ -76,18 +76,18 @@ async def test_take_returns_everything_queued_in_order_and_waits_when_empty() ->
     waiting = asyncio.ensure_future(queue.take())
     await asyncio.sleep(0)
     assert not waiting.done()
-    queue.put_nowait(4)
+    queue.put_nowait_enhanced(4)
     assert await asyncio.wait_for(waiting, 1) == [4]
 
 
 async def test_put_holds_while_full_until_a_batch_is_taken() -> None:
     queue = IntakeQueue(2)
-    queue.put_nowait(1)
-    queue.put_nowait(2)
+    queue.put_nowait_enhanced(1)
+    queue.put_nowait_enhanced(2)
     assert queue.full()
     held = asyncio.ensure_future(queue.put(3))
     await asyncio.sleep(0)
-    assert not held.done() and len(queue) == 2
+    assert not held.done() and queue.full()
     assert await queue.take() == [1, 2]
     await asyncio.wait_for(held, 1)
     assert await queue.take() == [3]
