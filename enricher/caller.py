@@ -1,8 +1,9 @@
 """Calls to third-party APIs: aiohttp with per-API concurrency, the shared limiter and retries.
 
 Each attempt passes, in this order, the API's circuit breaker (held while the API is deemed down,
-see :mod:`enricher.circuit`), a slot of the API's per-worker semaphore, a limiter token (so retries
-count against the rate and quotas too, in the call's lane), then makes one request. A failure that
+see :mod:`enricher.circuit`), a limiter token (so retries count against the rate and quotas too, in
+the call's lane) together with a seat of the API's per-worker concurrency (taken only once the token
+is granted, so a call waiting for a token holds no seat), then makes one request. A failure that
 finds the circuit open does not count as an attempt: the call holds until the circuit closes and
 tries again, so an API that is down holds its events instead of dead-lettering them. Retries are
 also bounded by the event's deadline and the worker's retry budget (:mod:`enricher.retry_limits`):
@@ -51,7 +52,11 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 class CallLimiter(Protocol):
     """The part of ``limiter.Limiter`` the caller uses."""
 
-    async def acquire(self, api: str, lane: Lane | None = None) -> int | None: ...
+    async def acquire(
+        self, api: str, lane: Lane | None = None, seat: asyncio.Semaphore | None = None
+    ) -> int | None:
+        """A token for one call, with ``seat`` taken (the caller releases it after the call)."""
+
     async def block(self, api: str, seconds: float) -> None: ...
     async def server_signal(
         self, api: str, remaining: int, reset: float, grant: int | None = None
@@ -106,7 +111,7 @@ class _Endpoint:
         self.headers = dict(settings.headers)
         self.template = UrlTemplate(settings.url)
         self.timeout = aiohttp.ClientTimeout(total=settings.timeout)
-        self.semaphore = asyncio.Semaphore(settings.concurrency)
+        self.semaphore = asyncio.BoundedSemaphore(settings.concurrency)
         self.policy = RetryPolicy(settings.retry, api=settings.name)
         self.on_status: Collection[int] = frozenset(settings.retry.on_status)
         self.cached = caches(settings)
@@ -212,10 +217,13 @@ class ApiCaller:
             return result
 
     async def _exchange(self, endpoint: _Endpoint, url: URL, body: Any, lane: Lane | None) -> Any:
-        async with endpoint.semaphore:
-            grant = await self._limiter.acquire(endpoint.name, lane)
-            # only the request counts against the deadline: not the waits for a slot or token
+        # The limiter hands the seat over with the token (it holds none while refused).
+        grant = await self._limiter.acquire(endpoint.name, lane, endpoint.semaphore)
+        try:
+            # only the request counts against the deadline: not the waits for a seat or token
             result, retry_after, signal = await timed(self._request(endpoint, url, body))
+        finally:
+            endpoint.semaphore.release()
         if retry_after is not None and retry_after > 0:
             # The server's signal wins: pause this API for every worker, then wait it out too.
             await self._limiter.block(endpoint.name, retry_after)

@@ -94,36 +94,70 @@ class LimiterBase:
         self.on_replay_hold: ReplayHoldHook | None = None
         self._gates: dict[tuple[str, str], asyncio.Semaphore] = {}
 
-    async def acquire(self, api: str, lane: Lane | None = None) -> int | None:
+    async def acquire(
+        self, api: str, lane: Lane | None = None, seat: asyncio.Semaphore | None = None
+    ) -> int | None:
         """Wait until one call to ``api`` may start; raises ShuttingDown once closed. Returns the
         grant's number (None if not counted).
 
-        ``lane`` is a replay's lane (``None``: a live call); see ``lua/acquire.lua``."""
+        ``lane`` is a replay's lane (``None``: a live call); see ``lua/acquire.lua``. ``seat``
+        (the API's concurrency slots) is taken for each decision and given back after a
+        refusal: a waiter holds one only once granted, and then it is the caller's to release
+        after the call. So calls waiting for a token (a replay's at its share's pace) never
+        hold seats that granted calls could use."""
         self._check(api)
         if lane is None:
-            decision = await self._until_granted(api, None)
+            decision = await self._until_granted(api, None, seat)
         else:
             # A replay's waiters are refused, not given reservations, past the shared bucket's
             # horizon (acquire.lua): only a few of them ask Redis at a time, the rest queue here,
             # so a replay costs about one decision per call instead of one per retry.
             gate = self._gates.setdefault((api, lane.replay_id), asyncio.Semaphore(REPLAY_ASKERS))
             async with gate:
-                decision = await self._until_granted(api, lane)
+                decision = await self._until_granted(api, lane, seat)
         if decision.wait > 0:
-            await self._guard.run(self._sleep(decision.wait))
+            try:
+                await self._guard.run(self._sleep(decision.wait))
+            except BaseException:
+                _give_back(seat)
+                raise
         return decision.grant
 
-    async def _until_granted(self, api: str, lane: Lane | None) -> Decision:
-        """Ask until a decision grants a slot (sleeping between refusals)."""
+    async def _until_granted(
+        self, api: str, lane: Lane | None, seat: asyncio.Semaphore | None
+    ) -> Decision:
+        """Ask until a decision grants a slot (sleeping between refusals); ``seat`` is held
+        on return."""
         held = False
         while True:
-            decision = await self._ask(api, lane)
-            if lane is not None and held != decision.reason.startswith("replay-quota"):
-                held = not held
-                await self._tell_hold(api, lane, decision.reason if held else None)
+            decision = await self._ask_seated(api, lane, seat)
+            try:
+                if lane is not None and held != decision.reason.startswith("replay-quota"):
+                    held = not held
+                    await self._tell_hold(api, lane, decision.reason if held else None)
+            except BaseException:
+                if decision.granted:
+                    _give_back(seat)
+                raise
             if decision.granted:
                 return decision
             await self._guard.run(self._sleep(self._retry_delay(decision)))
+
+    async def _ask_seated(
+        self, api: str, lane: Lane | None, seat: asyncio.Semaphore | None
+    ) -> Decision:
+        """One decision with ``seat`` taken for it: kept if granted, given back otherwise."""
+        if seat is None:
+            return await self._ask(api, lane)
+        await seat.acquire()
+        try:
+            decision = await self._ask(api, lane)
+        except BaseException:
+            seat.release()
+            raise
+        if not decision.granted:
+            seat.release()
+        return decision
 
     async def _ask(self, api: str, lane: Lane | None) -> Decision:
         """One decision. Not run as a guarded task like the waits (a task per decision cost a
@@ -162,6 +196,11 @@ class LimiterBase:
         else:
             spread = self._max_wait / 2 if decision.reason == "rate" else 0.05
         return min(decision.wait + random.uniform(0, spread), self._retry_cap)
+
+
+def _give_back(seat: asyncio.Semaphore | None) -> None:
+    if seat is not None:
+        seat.release()
 
 
 class MemoryLimiter(LimiterBase):

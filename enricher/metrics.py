@@ -18,6 +18,7 @@ families on a registry of its own (never the global one), served at ``/metrics``
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 from collections import Counter, deque
@@ -182,15 +183,17 @@ class MeteredLimiter:
         self._stats = stats
         self._clock = clock
 
-    async def acquire(self, api: str, lane: Lane | None = None) -> int | None:
+    async def acquire(
+        self, api: str, lane: Lane | None = None, seat: asyncio.Semaphore | None = None
+    ) -> int | None:
         """The inner limiter's grant (its number goes back with the server's rate-limit
-        headers, see ``limiter.server_signal``)."""
+        headers, see ``limiter.server_signal``), with ``seat`` taken."""
         _CURRENT_API.set(api)  # in the caller's task: the request that follows is for ``api``
         stats = self._stats.api(api)
         started = self._clock()
         stats.waiting += 1
         try:
-            grant: int | None = await self._inner.acquire(api, lane)
+            grant: int | None = await self._inner.acquire(api, lane, seat)
         finally:
             stats.waiting -= 1
         stats.grants += 1

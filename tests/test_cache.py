@@ -72,8 +72,12 @@ class FakeLimiter:
     def __init__(self) -> None:
         self.acquired: list[tuple[str, Lane | None]] = []
 
-    async def acquire(self, api: str, lane: Lane | None = None) -> None:
+    async def acquire(
+        self, api: str, lane: Lane | None = None, seat: asyncio.Semaphore | None = None
+    ) -> None:
         self.acquired.append((api, lane))
+        if seat is not None:
+            await seat.acquire()
 
     async def block(self, api: str, seconds: float) -> None:
         pass

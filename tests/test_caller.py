@@ -18,8 +18,10 @@ import pytest
 from aiohttp import web
 
 from enricher.caller import ApiCaller, decode_json
+from enricher.config import ApiSettings
 from enricher.errors import CallError, InvalidEvent, ShuttingDown
 from enricher.lanes import Lane
+from enricher.local_limiter import MemoryLimiter
 
 from .fakes import FakeApi, FakeRetry
 
@@ -38,9 +40,13 @@ class FakeLimiter:
         self.signals: list[tuple[str, int, float]] = []
         self.fail_with = fail_with
 
-    async def acquire(self, api: str, lane: Lane | None = None) -> None:
+    async def acquire(
+        self, api: str, lane: Lane | None = None, seat: asyncio.Semaphore | None = None
+    ) -> None:
         if self.fail_with is not None:
             raise self.fail_with
+        if seat is not None:
+            await seat.acquire()  # handed over with the token, as the real limiters do
         self.acquired.append(api)
         self.lanes.append(lane)
 
@@ -415,6 +421,30 @@ async def test_concurrency_is_capped_per_api(
     assert results == [{"ok": True}] * 10
     assert backend.max_in_flight == 2
     assert len(limiter.acquired) == 10
+
+
+async def test_replay_calls_waiting_for_their_share_leave_live_calls_the_seats(
+    backend: Backend, session: aiohttp.ClientSession
+) -> None:
+    # 20/s for the API, 1/s for a replay of share 0.05: its second and third calls wait 1 s
+    # and 2 s for their slots. Were a waiting call to hold one of the 2 seats, the live calls
+    # would queue behind those two for a second or more.
+    limits = ApiSettings.model_validate(
+        {"name": "geo", "url": backend.base + "/echo/{x}", "rate": "20/s", "burst": 2}
+    )
+    limiter = MemoryLimiter(apis={"geo": limits})
+    api = Api("geo", backend.base + "/echo/{x}", concurrency=2)
+    caller = ApiCaller(apis={"geo": api}, limiter=limiter, session=session)
+    lane = Lane("r1", 0.05)
+    replayed = [asyncio.create_task(caller.call("geo", {"x": f"r{i}"}, lane)) for i in range(3)]
+    await asyncio.sleep(0)  # the replay's calls ask first
+    await asyncio.gather(*(caller.call("geo", {"x": f"l{i}"}) for i in range(10)))
+    await asyncio.gather(*replayed)
+    order = [seen["raw_path"] for seen in backend.seen]
+    assert order[0] == "/echo/r0"  # the replay's burst of 1 ...
+    assert sorted(order[1:11]) == sorted(f"/echo/l{i}" for i in range(10))  # ... then all live
+    assert order[11:] == ["/echo/r1", "/echo/r2"]
+    await limiter.close()
 
 
 async def test_shutting_down_propagates_unchanged(

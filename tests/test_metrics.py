@@ -49,8 +49,10 @@ Api = partial(FakeApi, concurrency=8, retry=FakeRetry(backoff_min=0.01, backoff_
 
 
 class SlowLimiter:
-    async def acquire(self, api: str, lane: Any = None) -> None:
+    async def acquire(self, api: str, lane: Any = None, seat: Any = None) -> None:
         await asyncio.sleep(0.02)
+        if seat is not None:
+            await seat.acquire()
 
     async def block(self, api: str, seconds: float) -> None:
         pass

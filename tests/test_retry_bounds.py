@@ -23,8 +23,9 @@ from .harness import Stack
 class OpenLimiter:
     """Grants every token at once: these tests are about retries, not rates."""
 
-    async def acquire(self, api: str, lane: Any = None) -> None:
-        return None
+    async def acquire(self, api: str, lane: Any = None, seat: Any = None) -> None:
+        if seat is not None:
+            await seat.acquire()
 
     async def block(self, api: str, seconds: float) -> None:
         return None
