@@ -147,9 +147,11 @@ def max_in_window(times: list[float], width: float) -> int:
 async def test_the_fleet_slows_to_the_servers_pace_before_any_429(
     clients: list[aioredis.Redis], kind: Any
 ) -> None:
-    # The server: 12 calls per 2 s window (6/s) and 429 beyond; our bucket: 40/s, burst 4.
+    # The server: 20 calls per 2 s window (10/s) and 429 beyond; our bucket: 40/s, burst 4. The
+    # window is larger than the burst plus the 9 calls in flight: before the first answer of a
+    # window nothing is known, and a smaller one could be overrun once (README, Rate limits).
     server = await run_sandbox(
-        SandboxSettings(window_limit=12, window=2.0, ratelimit_headers=kind), port=0
+        SandboxSettings(window_limit=20, window=2.0, ratelimit_headers=kind), port=0
     )
     api = ApiSettings.model_validate(
         {
@@ -196,7 +198,8 @@ async def test_the_fleet_slows_to_the_servers_pace_before_any_429(
         await server.close()
 
     assert stats["rejected_429"] == 0 and errors == []
-    # Within the server's budget (12 per 2 s window, at most 3 windows touched) yet using it:
-    assert 14 <= len(answered) <= 36
+    # Within the server's budget (20 per 2 s window, at most 3 windows touched) yet using at
+    # least a whole window of it:
+    assert 20 <= len(answered) <= 60
     # Slowed down: never the bucket's 40/s (44 in a second), at most the server's whole window.
-    assert max_in_window(answered, 1.0) <= 12
+    assert max_in_window(answered, 1.0) <= 20
