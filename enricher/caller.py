@@ -37,7 +37,7 @@ from .circuit import CircuitBreaker, outcome_of
 from .errors import CallError, ErrorKind
 from .lanes import Lane
 from .retry import RetryConfig, RetryPolicy, Sleep, parse_retry_after
-from .retry_limits import timed
+from .retry_limits import timing
 from .signals import RateSignal, read_signal
 from .urls import UrlTemplate
 
@@ -221,7 +221,8 @@ class ApiCaller:
         grant = await self._limiter.acquire(endpoint.name, lane, endpoint.semaphore)
         try:
             # only the request counts against the deadline: not the waits for a seat or token
-            result, retry_after, signal = await timed(self._request(endpoint, url, body))
+            with timing():
+                result, retry_after, signal = await self._request(endpoint, url, body)
         finally:
             endpoint.semaphore.release()
         if retry_after is not None and retry_after > 0:
@@ -308,9 +309,12 @@ async def _read_capped(endpoint: _Endpoint, response: aiohttp.ClientResponse) ->
         raise _BadBody(f"response is {content_type}, not JSON")
     limit = endpoint.settings.max_response_bytes
     too_big = _BadBody(f"response body over {limit} bytes")
-    if response.content_length is not None and response.content_length > limit:
+    length = response.content_length
+    if length is not None and length > limit:
         response.close()
         raise too_big
+    if length is not None and "Content-Encoding" not in response.headers:
+        return await response.read()  # the announced length, no more (and nothing to inflate)
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(_CHUNK):
@@ -330,7 +334,8 @@ def decode_json(raw: bytes) -> Any:
         raise _BadBody(f"response JSON nested over {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
         raise _BadBody(f"response is not valid JSON ({type(exc).__name__})") from None
-    if _depth(value) > MAX_JSON_DEPTH:
+    # Nesting needs a bracket per level: most bodies have too few to be worth a walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
         raise _BadBody(f"response JSON nested over {MAX_JSON_DEPTH} levels")
     return value
 

@@ -181,4 +181,5 @@ class RetryPolicy:
 
 async def _timed_sleep(sleep: Sleep, limits: CallLimits, seconds: float) -> None:
     """A retry wait, counted against the call's deadline."""
-    await limits.timed(sleep(seconds))
+    with limits.timing():
+        await sleep(seconds)

@@ -15,26 +15,26 @@
                   stopped so the dead letter can say so.
 
 Time comes from an injectable clock (``time.monotonic``), so tests step it instead of sleeping.
-The caller marks what counts against the deadline with :func:`timed`: the request itself; the
-retry waits are timed by the sleep the policy hands to tenacity.
+The caller marks what counts against the deadline with a :func:`timing` block: the request
+itself; the retry waits are timed by the sleep the policy hands to tenacity.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import Literal, TypeVar
+from types import TracebackType
+from typing import Literal
 
 from tenacity import RetryCallState
 
 from .errors import CallError
 
-__all__ = ["BUDGET_WINDOW", "CallLimits", "Clock", "RetryBudget", "StopReason", "timed"]
+__all__ = ["BUDGET_WINDOW", "CallLimits", "Clock", "RetryBudget", "StopReason", "timing"]
 
-T = TypeVar("T")
 Clock = Callable[[], float]
 StopReason = Literal["deadline", "budget"]
 
@@ -135,17 +135,14 @@ class CallLimits:
             self.stopped_by = "budget"
         return self.stopped_by is not None
 
-    async def timed(self, awaitable: Awaitable[T]) -> T:
-        """Await ``awaitable``, counting the time it takes against the deadline."""
-        started = self._clock()
-        try:
-            return await awaitable
-        finally:
-            self.spent += self._clock() - started
+    def timing(self) -> _Timing:
+        """A block whose time counts against the deadline (a plain ``with``: wrapping the
+        request in another coroutine would cost every resumption of it one more frame)."""
+        return _Timing(self)
 
     @contextmanager
     def active(self) -> Iterator[CallLimits]:
-        """Make these the limits :func:`timed` counts against, in this task, for the block."""
+        """Make these the limits :func:`timing` counts against, in this task, for the block."""
         token = _CURRENT.set(self)
         try:
             yield self
@@ -165,12 +162,31 @@ class CallLimits:
         error.retry_stopped = self.stopped_by
 
 
-async def timed(awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable``; its time counts against the current call's deadline, if any."""
+class _Timing:
+    """Adds the time spent in its block to ``limits.spent``."""
+
+    __slots__ = ("_limits", "_started")
+
+    def __init__(self, limits: CallLimits) -> None:
+        self._limits = limits
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = self._limits._clock()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._limits.spent += self._limits._clock() - self._started
+
+
+def timing() -> AbstractContextManager[None]:
+    """A block whose time counts against the current call's deadline, if any."""
     limits = _CURRENT.get()
-    if limits is None:
-        return await awaitable
-    return await limits.timed(awaitable)
+    return nullcontext() if limits is None else limits.timing()
 
 
 def _paced_by_server(retry_state: RetryCallState) -> bool:

@@ -21,11 +21,14 @@ class _Missing:
 MISSING: Final = _Missing()
 
 
+_MAPPINGS = (dict, Mapping)  # dict first: JSON objects pass without an ABC check
+
+
 def get_path(obj: Any, path: str) -> Any:
     """Follow a dotted path (``client.ip``, ``items.0.sku``) into JSON data; MISSING if absent."""
     node = obj
     for part in path.split("."):
-        if isinstance(node, Mapping):
+        if isinstance(node, _MAPPINGS):
             if part not in node:
                 return MISSING
             node = node[part]

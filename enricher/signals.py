@@ -51,7 +51,10 @@ def read_signal(headers: Mapping[str, str], *, now: datetime) -> RateSignal | No
     """The most restrictive signal in ``headers`` (an aiohttp ``CIMultiDictProxy`` or any
     mapping; names are matched case-insensitively), or None. ``now`` turns epoch resets into
     seconds."""
-    fields = {name.lower(): value for name, value in headers.items()}
+    # Every field read below has "rate" in its name; most answers have none of them.
+    fields = {name.lower(): value for name, value in headers.items() if "rate" in name.lower()}
+    if not fields:
+        return None
     epoch = now.timestamp()
     found = [*_prefixed(fields, epoch), *_structured(fields)]
     usable = [s for s in found if s is not None]

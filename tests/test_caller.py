@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import socket
@@ -172,6 +173,12 @@ def _raw(body: bytes, content_type: str = "application/json") -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+def _gzipped(body: bytes) -> web.Response:
+    """A small Content-Length that inflates past the cap (a zip bomb, in miniature)."""
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    return web.Response(body=gzip.compress(body), headers=headers)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -331,6 +338,7 @@ async def test_connection_refused(harness: Harness) -> None:
         (lambda: _raw(b"[" * 65 + b"]" * 65), "response JSON nested over 64 levels"),
         (lambda: _raw(b"[" * 2000 + b"]" * 2000), "response JSON nested over 64 levels"),
         (lambda: _raw(b"1" * 5000), "response body over 4096 bytes"),
+        (lambda: _gzipped(b"[" + b"0," * 100_000 + b"0]"), "response body over 4096 bytes"),
     ],
 )
 async def test_bad_bodies(

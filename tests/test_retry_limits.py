@@ -10,7 +10,7 @@ import yaml
 from enricher.config import config_from_dict, render_effective
 from enricher.errors import CallError, ConfigError
 from enricher.retry import RetryPolicy
-from enricher.retry_limits import RetryBudget, timed
+from enricher.retry_limits import RetryBudget, timing
 
 from .fakes import FakeRetry
 
@@ -96,7 +96,8 @@ async def _call(policy: RetryPolicy, api: Api, hold: float = 0.0) -> CallError:
         async for attempt in policy.retrying(api.sleep, limits):
             with attempt:
                 api.clock.now += hold  # a limiter wait: not counted
-                await timed(api.request())
+                with timing():
+                    await api.request()
     error = caught.value
     error.attempts = api.requests
     limits.explain(error)
