@@ -22,7 +22,7 @@ import asyncio
 import inspect
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from mode.services import WaitResults
@@ -34,46 +34,85 @@ class IntakeQueue:
     """The queue Faust's conductor fills for one subscribed channel, emptied a batch at a time.
 
     It offers what the conductor calls: ``full``, ``put_nowait_enhanced`` and ``put`` (awaited
-    when full, which holds the conductor, and so the fetcher, until the worker takes the batch).
+    when full, which holds the conductor, and so the fetch loop of every topic, until the worker
+    takes the batch). A full queue holds the fetch loop for at most ``hold`` seconds: a worker
+    that takes longer is slow (a replay held to its share), and rather than make every other
+    topic wait with it, the queue stops the fetching of its partitions (Faust's pressure
+    callbacks, which each put hands over) and takes what the fetch loop already has in hand. It
+    resumes them when the worker takes the batch. Pausing at once would cost a fast consumer
+    (a warm replay) its speed: a resumed partition is fetched again only after the fetch loop's
+    next long poll (up to 1.5 s), so a queue that fills faster than it drains only pauses when
+    draining really is slow.
     """
 
-    def __init__(self, maxsize: int) -> None:
-        if maxsize < 1:
-            raise ValueError(f"maxsize must be >= 1, got {maxsize}")
+    def __init__(self, maxsize: int, hold: float = 0.25) -> None:
+        if maxsize < 1 or hold < 0:
+            raise ValueError(f"maxsize must be >= 1 and hold >= 0, got {maxsize} and {hold}")
         self.maxsize = maxsize
+        self.hold = hold
         self._items: deque[Any] = deque()
         self._filled = asyncio.Event()  # something to take
         self._emptied = asyncio.Event()  # room again
+        # Per partition (one pair of callbacks each): stop fetching it, fetch it again.
+        self._pressure: dict[Callable[[], None], Callable[[], None]] = {}
+        self.paused = False
 
     def empty(self) -> bool:
         return not self._items
 
     def full(self) -> bool:
-        return len(self._items) >= self.maxsize
+        return len(self._items) >= self.maxsize and not self.paused
 
-    def put_nowait_enhanced(self, value: Any, **_callbacks: Any) -> None:
-        """Append ``value``. Faust's pressure callbacks are not used: a full queue holds the
-        fetch loop instead (pausing partitions made each resume wait for the next fetch; see
-        the README's Replays for what holding costs)."""
+    def put_nowait_enhanced(
+        self,
+        value: Any,
+        *,
+        on_pressure_high: Callable[[], None] | None = None,
+        on_pressure_drop: Callable[[], None] | None = None,
+    ) -> None:
+        """Append ``value``, remembering how to pause and resume its partition."""
+        if on_pressure_high is not None and on_pressure_drop is not None:
+            self._pressure.setdefault(on_pressure_high, on_pressure_drop)
         self._items.append(value)
         self._filled.set()
 
     async def put(self, value: Any) -> None:
-        """Append ``value`` once there is room."""
-        while self.full():
-            self._emptied.clear()
-            await self._emptied.wait()
+        """Append ``value`` once there is room, or once ``hold`` seconds have passed (then the
+        queue's partitions are paused until the worker takes the batch)."""
+        try:
+            async with asyncio.timeout(self.hold):
+                while self.full():
+                    self._emptied.clear()
+                    await self._emptied.wait()
+        except TimeoutError:
+            self._pause()
         self.put_nowait_enhanced(value)
 
     async def take(self) -> list[Any]:
-        """Everything queued, waiting until something is."""
+        """Everything queued, waiting until something is; paused partitions resume."""
         while not self._items:
             self._filled.clear()
             await self._filled.wait()
         batch = list(self._items)
         self._items.clear()
         self._emptied.set()
+        self._resume()
+        self._pressure.clear()  # the next pause is of the partitions that fill it next
         return batch
+
+    def _pause(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        for on_pressure_high in self._pressure:
+            on_pressure_high()
+
+    def _resume(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        for on_pressure_drop in self._pressure.values():
+            on_pressure_drop()
 
 
 class Intake:

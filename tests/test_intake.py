@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import faust
@@ -93,8 +94,29 @@ async def test_put_holds_while_full_until_a_batch_is_taken() -> None:
     assert await queue.take() == [3]
 
 
+async def test_a_slow_taker_gets_its_partitions_paused_instead_of_holding_the_fetch_loop() -> None:
+    queue = IntakeQueue(2, hold=0.05)
+    calls: list[str] = []
+    p0 = (partial(calls.append, "pause p0"), partial(calls.append, "resume p0"))
+    p1 = (partial(calls.append, "pause p1"), partial(calls.append, "resume p1"))
+    queue.put_nowait_enhanced(1, on_pressure_high=p0[0], on_pressure_drop=p0[1])
+    queue.put_nowait_enhanced(2, on_pressure_high=p1[0], on_pressure_drop=p1[1])
+    assert queue.full()
+    await asyncio.wait_for(queue.put(3), 1)  # nobody takes: held for ``hold``, then paused
+    assert calls == ["pause p0", "pause p1"] and queue.paused
+    assert not queue.full()  # what the fetch loop has in hand goes in without a wait
+    queue.put_nowait_enhanced(4, on_pressure_high=p0[0], on_pressure_drop=p0[1])
+    assert await queue.take() == [1, 2, 3, 4]
+    assert calls == ["pause p0", "pause p1", "resume p0", "resume p1"] and not queue.paused
+    # the next pause stops only the partitions that filled the queue since
+    queue.put_nowait_enhanced(5, on_pressure_high=p1[0], on_pressure_drop=p1[1])
+    queue.put_nowait_enhanced(6, on_pressure_high=p1[0], on_pressure_drop=p1[1])
+    await asyncio.wait_for(queue.put(7), 1)
+    assert calls[4:] == ["pause p1"]
+
+
 def test_a_queue_needs_room_for_one() -> None:
-    with pytest.raises(ValueError, match="maxsize must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"maxsize must be >= 1 and hold >= 0, got 0 and 0\.25"):
         IntakeQueue(0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -88,6 +89,33 @@ async def test_cold_replay_keeps_to_its_share_while_live_events_flow(
     stats = sandbox.stats()
     assert stats["calls"] == 2 * n + len(live)
     assert stats["max_calls_in_any_second"] <= rate + 3
+
+
+async def test_live_events_do_not_wait_behind_a_replay_backlog(
+    stack: Stack, sandbox: SandboxServer
+) -> None:
+    # in_flight 8: the replay lane holds 8 events and its intake queue 8 more, while the replay
+    # is held to 2 calls/s; live events arriving meanwhile must not queue behind its backlog
+    rate, share, n = 20, 0.1, 60
+    data = stack.config(rate=f"{rate}/s", burst=2)
+    data["worker"]["in_flight"] = 8
+    config = stack.write_config(data)
+    stack.start_worker(config)
+    await stack.produce([(f"r{i}", page_view(i, user=f"r{i}", ip=f"10.7.1.{i}")) for i in range(n)])
+    await stack.collect(expected=n, timeout=60)
+    replay_id = await start_replay(stack, config, share=share)
+    await stack.collect_replayed(replay_id, 2)  # running, its backlog queued
+    live = [(f"l{i}", page_view(2000 + i, user=f"l{i}", ip=f"10.8.1.{i}")) for i in range(20)]
+    started = time.monotonic()
+    await stack.produce(live)
+    got = await stack.collect_at_least(n + len(live), timeout=30)
+    took = time.monotonic() - started
+
+    await stack.enricher("replay", "cancel", replay_id, "--config", str(config))
+    assert len(got.outputs) == n + len(live)
+    # 20 calls at the 18/s live has left take about a second; behind the backlog, 15-25 s
+    assert took < 8, f"live events took {took:.1f}s behind the replay"
+    assert len(got.replay_outputs) < n  # the replay was still running meanwhile
 
 
 async def test_dry_run_estimate_matches_the_replay_within_ten_percent(
