@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 REPLAY_ASKERS = 2  # a replay's waiters per API that ask for a slot at once (per worker)
+LIVE_ASKERS = 32  # live waiters per API that ask at once (per worker; the default concurrency)
 REPLAY_SPREAD_MIN = 0.01  # seconds: the least retry spread of replays refused by their own bucket
 # Told when a replay's call is held because its share of a quota is spent (reason
 # "replay-quota:<period>") and when it goes on again (reason None).
@@ -92,7 +93,7 @@ class LimiterBase:
         self._sleep = sleep
         self._guard = ShutdownGuard("limiter")
         self.on_replay_hold: ReplayHoldHook | None = None
-        self._gates: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._gates: dict[tuple[str, str | None], asyncio.Semaphore] = {}
 
     async def acquire(
         self, api: str, lane: Lane | None = None, seat: asyncio.Semaphore | None = None
@@ -106,15 +107,18 @@ class LimiterBase:
         after the call. So calls waiting for a token (a replay's at its share's pace) never
         hold seats that granted calls could use."""
         self._check(api)
-        if lane is None:
-            decision = await self._until_granted(api, None, seat)
-        else:
-            # A replay's waiters are refused, not given reservations, past the shared bucket's
-            # horizon (acquire.lua): only a few of them ask Redis at a time, the rest queue here,
-            # so a replay costs about one decision per call instead of one per retry.
-            gate = self._gates.setdefault((api, lane.replay_id), asyncio.Semaphore(REPLAY_ASKERS))
-            async with gate:
-                decision = await self._until_granted(api, lane, seat)
+        # Only a few waiters per API (and per replay) ask at a time; the rest queue here, in
+        # order. A replay's waiters are refused, not given reservations, past the shared
+        # bucket's horizon (acquire.lua), so a replay costs about one decision per call instead
+        # of one per retry; and refused live waiters, which hold no seat, do not all retry.
+        key = (api, None if lane is None else lane.replay_id)
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = asyncio.Semaphore(
+                LIVE_ASKERS if lane is None else REPLAY_ASKERS
+            )
+        async with gate:
+            decision = await self._until_granted(api, lane, seat)
         if decision.wait > 0:
             try:
                 await self._guard.run(self._sleep(decision.wait))

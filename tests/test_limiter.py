@@ -31,7 +31,7 @@ from enricher.limiter import (
     reply_sight,
 )
 from enricher.limits_cli import reset_limits, set_limits, show_limits
-from enricher.local_limiter import Decision, LocalFallback
+from enricher.local_limiter import LIVE_ASKERS, Decision, LocalFallback
 from enricher.quota import (
     PERIODS,
     ApiUsage,
@@ -474,6 +474,27 @@ async def test_a_waiter_holds_its_seat_only_once_granted(make: Factory) -> None:
     reserved.cancel()  # deciding or sleeping until its slot: the seat comes back either way
     await asyncio.gather(reserved, return_exceptions=True)
     assert not seat.locked()
+
+
+async def test_refused_live_waiters_ask_a_few_at_a_time(make: Factory) -> None:
+    limiter = make(apis(("geo", "100/s", 1, ["1/day"])), retry_cap=0.1)
+    await limiter.acquire("geo")  # the day's quota is spent: every later call is refused
+    decide, decisions = limiter._decide, 0
+
+    async def counted(api: str, lane: Lane | None) -> Decision:
+        nonlocal decisions
+        decisions += 1
+        return await decide(api, lane)
+
+    limiter._decide = counted  # type: ignore[method-assign]
+    waiters = [asyncio.create_task(limiter.acquire("geo")) for _ in range(200)]
+    await asyncio.sleep(0.5)  # a rate of decisions over time: nothing to await instead
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    # 32 askers each retrying every 0.1 s (the cap) make about 200 decisions; all 200 waiters
+    # retrying would make about 1,200
+    assert LIVE_ASKERS <= decisions <= 8 * LIVE_ASKERS
 
 
 async def test_local_fallback_gives_a_replay_its_share_of_the_local_share() -> None:
