@@ -118,33 +118,32 @@ class LimiterBase:
                 LIVE_ASKERS if lane is None else REPLAY_ASKERS
             )
         async with gate:
-            decision = await self._until_granted(api, lane, seat)
-        if decision.wait > 0:
-            try:
+            decision, was_held = await self._until_granted(api, lane, seat)
+        try:  # the seat is ours until the caller's call: give it back if we never get there
+            if lane is not None and was_held:
+                await self._tell_hold(api, lane, None)
+            if decision.wait > 0:
                 await self._guard.run(self._sleep(decision.wait))
-            except BaseException:
-                _give_back(seat)
-                raise
+        except BaseException:
+            if seat is not None:
+                seat.release()
+            raise
         return decision.grant
 
     async def _until_granted(
         self, api: str, lane: Lane | None, seat: asyncio.Semaphore | None
-    ) -> Decision:
+    ) -> tuple[Decision, bool]:
         """Ask until a decision grants a slot (sleeping between refusals); ``seat`` is held
-        on return."""
+        on return. Also returns whether the replay's quota share held it meanwhile (then told
+        to the hold hook, as its end is once the call goes on)."""
         held = False
         while True:
             decision = await self._ask_seated(api, lane, seat)
-            try:
-                if lane is not None and held != decision.reason.startswith("replay-quota"):
-                    held = not held
-                    await self._tell_hold(api, lane, decision.reason if held else None)
-            except BaseException:
-                if decision.granted:
-                    _give_back(seat)
-                raise
             if decision.granted:
-                return decision
+                return decision, held
+            if lane is not None and held != decision.reason.startswith("replay-quota"):
+                held = not held
+                await self._tell_hold(api, lane, decision.reason if held else None)
             await self._guard.run(self._sleep(self._retry_delay(decision)))
 
     async def _ask_seated(
@@ -200,11 +199,6 @@ class LimiterBase:
         else:
             spread = self._max_wait / 2 if decision.reason == "rate" else 0.05
         return min(decision.wait + random.uniform(0, spread), self._retry_cap)
-
-
-def _give_back(seat: asyncio.Semaphore | None) -> None:
-    if seat is not None:
-        seat.release()
 
 
 class MemoryLimiter(LimiterBase):

@@ -535,6 +535,30 @@ async def test_memory_quota_holds_until_the_month_resets() -> None:
     assert len(sleeps) <= 4  # slept to the reset, in capped steps: no busy loop
 
 
+async def test_a_replay_held_by_its_quota_share_is_told_when_held_and_when_it_goes_on() -> None:
+    now = [datetime(2024, 1, 31, 23, 59, 58, tzinfo=UTC).timestamp()]
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    limiter = MemoryLimiter(
+        apis=apis(("geo", "10/s", 2, ["4/day"])), clock=lambda: now[0], sleep=fake_sleep
+    )
+    told: list[tuple[str, str, str | None]] = []
+
+    async def on_hold(api: str, lane: Lane, reason: str | None) -> None:
+        told.append((api, lane.replay_id, reason))
+
+    limiter.on_replay_hold = on_hold
+    lane = Lane("r1", 0.5)  # its cap: 2 of the day's 4
+    seat = asyncio.BoundedSemaphore(1)
+    for _ in range(3):  # the third waits for the next day
+        await limiter.acquire("geo", lane, seat)
+        seat.release()
+    assert told == [("geo", "r1", "replay-quota:day"), ("geo", "r1", None)]
+    assert now[0] >= datetime(2024, 2, 1, tzinfo=UTC).timestamp()
+
+
 async def test_memory_shadow_counts_what_its_twin_counts() -> None:
     now = [0.0]
     shadowed = MemoryLimiter(apis=apis(("geo", "50/s", 5, ())), clock=lambda: now[0])
