@@ -307,7 +307,8 @@ class _State:
         return {}
 
     def reset(self) -> None:
-        self.recorder = _Recorder()
+        old, self.recorder = self.recorder, _Recorder()
+        old.arrived.set()  # waiters for calls count again, on the new recorder
         self.configure(self.settings)
 
     def fault(self) -> int | None:

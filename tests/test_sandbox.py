@@ -245,5 +245,14 @@ async def test_wait_for_calls_returns_once_that_many_arrived(
         await asyncio.wait_for(waiting, 2)
         with pytest.raises(TimeoutError):
             await server.wait_for_calls(3, timeout=0.1)  # nobody calls
+        waiting = asyncio.ensure_future(server.wait_for_calls(3))  # two calls so far ...
+        await asyncio.sleep(0)
+        server.reset()  # ... and none after a reset: three calls from here on
+        for n in range(3, 5):
+            await get(session, f"{server.url}/geo/10.0.0.{n}")
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        await get(session, f"{server.url}/geo/10.0.0.5")
+        await asyncio.wait_for(waiting, 2)
     finally:
         await server.close()
