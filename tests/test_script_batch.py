@@ -114,3 +114,44 @@ async def test_a_bulk_is_sent_again_after_the_script_was_flushed(client: aioredi
     await client.script_flush()
     assert await asyncio.gather(*(batcher.call(["n"], ["2"]) for _ in range(3))) == [2, 4, 6]
     await batcher.close()
+
+
+async def test_a_killed_connection_is_opened_again_and_the_batch_sent_again(
+    client: aioredis.Redis,
+) -> None:
+    batcher = ScriptBatcher(client, INCR, timeout=2.0)
+    assert await batcher.call(["n"], ["1"]) == 1
+    await client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert await batcher.call(["n"], ["1"]) == 2  # not an error: connected again, once
+    await batcher.close()
+
+
+# Answers ARGV[1], after ARGV[2] µs: a batch that times out before its reply comes.
+SLOW = """
+local function now() local t = redis.call('TIME') return t[1] * 1e6 + t[2] end
+local deadline = now() + tonumber(ARGV[2])
+while now() < deadline do end
+return ARGV[1]
+"""
+
+
+async def test_a_timed_out_batch_never_hands_its_late_reply_to_the_next(
+    client: aioredis.Redis,
+) -> None:
+    await client.script_load(SLOW)
+    slow = ScriptBatcher(client, SLOW, timeout=0.4)
+    with pytest.raises(TimeoutError):
+        await slow.call([], ["first", "500000"])
+    # Sent while Redis still runs the first: answered once it is done, with its own reply.
+    assert await slow.call([], ["second", "0"]) == b"second"
+    await slow.close()
+
+
+async def test_close_hands_the_connection_back_to_the_pool(client: aioredis.Redis) -> None:
+    pool = client.connection_pool
+    batcher = ScriptBatcher(client, INCR, timeout=2.0)
+    await batcher.call(["n"], ["1"])
+    held = len(pool._in_use_connections)
+    await batcher.close()
+    assert held == 1
+    assert len(pool._in_use_connections) == 0
