@@ -45,14 +45,15 @@ from .errors import ServiceUnavailable
 from .lanes import Lane
 from .local_limiter import Clock, Decision, LimiterBase, LocalFallback, MemoryLimiter, Sleep
 from .quota import (
+    NO_SIGHT,
     PERIODS,
     REDIS_ERRORS,
     ApiLimits,
     ApiUsage,
     Keys,
     Limits,
+    Sight,
     load_script,
-    newer_sight,
     period_bounds,
     read_usage,
     replay_usage,
@@ -128,13 +129,14 @@ def reply_sight(reply: list[Any]) -> str:
 def parse_reply(reply: list[Any]) -> Decision:
     """The ``acquire.lua`` reply as a Decision (times in seconds)."""
     granted, wait_us, reason, *remaining, rate, number = reply[:9]
+    quotas = {p: n for p, n in zip(PERIODS, remaining, strict=True) if n >= 0}
     return Decision(
-        granted=int(granted) == 1,
-        wait=int(wait_us) / 1e6,
-        reason=text(reason),
-        remaining={p: int(n) for p, n in zip(PERIODS, remaining, strict=True) if int(n) >= 0},
-        rate=float(text(rate)),
-        grant=int(number) if int(number) >= 0 else None,
+        granted=granted == 1,
+        wait=wait_us / 1e6,
+        reason=text(reason) if reason else "",
+        remaining=quotas,
+        rate=float(rate),  # float() takes the bytes or str of a number as they come
+        grant=number if number >= 0 else None,
     )
 
 
@@ -215,7 +217,11 @@ class RedisLimiter(LimiterBase):
             LocalFallback(self._apis, local_share, clock) if on_unavailable == "local" else None
         )
         self._local_blocked: dict[str, float] = {}
-        self._sights: dict[str, str] = {}  # per API, the latest sight (recovery from lost state)
+        self._sights: dict[str, Sight] = {}  # per API, the latest (recovery from lost state)
+        # A decision's KEYS and ARGV but the sight are the same for every live call of an API
+        # (and every call of a replay at one share): built once, not per call.
+        self._live_keys = {name: keys.acquire() for name, keys in self._keys.items()}
+        self._args: dict[tuple[str, float | None], list[str]] = {}
 
     async def close(self) -> None:
         """Make pending and later ``acquire`` calls raise ShuttingDown; stop the batchers."""
@@ -233,17 +239,14 @@ class RedisLimiter(LimiterBase):
             return Decision(False, until - now, "blocked")
         if not self._health.may_probe(now):
             return await self._fallback(api, now, lane)
-        replay_id, share = (lane.replay_id, lane.share) if lane is not None else (None, None)
+        sight = self._sights.get(api, NO_SIGHT)
+        if lane is None:
+            keys, args = self._live_keys[api], [*self._fixed_args(api, None), sight.text]
+        else:
+            keys = self._keys[api].acquire(lane.replay_id)
+            args = [*self._fixed_args(api, lane.share), sight.text]
         try:
-            reply = await self._acquire_batch.call(
-                self._keys[api].acquire(replay_id),
-                acquire_args(
-                    self._limits[api],
-                    self._max_wait,
-                    share=share,
-                    sight=self._sights.get(api, ""),
-                ),
-            )
+            reply = await self._acquire_batch.call(keys, args)
         except REDIS_ERRORS as exc:
             self._health.failed(self._clock(), exc)
             return await self._fallback(api, now, lane)
@@ -251,11 +254,20 @@ class RedisLimiter(LimiterBase):
             raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
         if self._health.recovered(self._clock()):
             await self._resync()
-        self._sights[api] = newer_sight(self._sights.get(api, ""), reply_sight(reply))
+        if (seen := Sight.of(reply_sight(reply))).order >= sight.order:
+            self._sights[api] = seen  # replies may come out of order: keep the latest state
         decision = parse_reply(reply)
         if self._local is not None:
             self._local.observe(api, decision, now, lane)
         return decision
+
+    def _fixed_args(self, api: str, share: float | None) -> list[str]:
+        """``acquire.lua``'s ARGV for ``api`` at ``share`` (None: live), but the sight."""
+        args = self._args.get((api, share))
+        if args is None:
+            args = acquire_args(self._limits[api], self._max_wait, share=share, sight="")[:-1]
+            self._args[(api, share)] = args
+        return args
 
     async def _fallback(self, api: str, now: float, lane: Lane | None) -> Decision:
         if self._local is not None:

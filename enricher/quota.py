@@ -426,16 +426,27 @@ def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class Sight:
+    """An ``acquire.lua`` sight (``"<epoch> <grants> ..."``; ``""`` = none) with its order:
+    by epoch, then grant counter. Replies to concurrent decisions may arrive out of order; the
+    later state carries every count of the earlier one."""
+
+    text: str
+    order: tuple[int, int]
+
+    @classmethod
+    def of(cls, text: str) -> Sight:
+        words = text.split(maxsplit=2)
+        return cls(text, (int(words[0]), int(words[1])) if len(words) >= 2 else (-1, -1))
+
+
+NO_SIGHT = Sight("", (-1, -1))
+
+
 def newer_sight(held: str, seen: str) -> str:
-    """The later of two ``acquire.lua`` sights (``"<epoch> <grants> ..."``; ``""`` = none):
-    by epoch, then grant counter (a tie keeps ``seen``). Replies to concurrent decisions may
-    arrive out of order; the later state carries every count of the earlier one."""
-    return seen if _sight_order(seen) >= _sight_order(held) else held
-
-
-def _sight_order(sight: str) -> tuple[int, int]:
-    words = sight.split(maxsplit=2)
-    return (int(words[0]), int(words[1])) if len(words) >= 2 else (-1, -1)
+    """The later of two sights (a tie keeps ``seen``)."""
+    return seen if Sight.of(seen).order >= Sight.of(held).order else held
 
 
 def load_script(name: str) -> str:
