@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -17,9 +18,15 @@ from .logs import LogFormat, use_format
 from .runtime import connect_redis
 from .services import find_free_port
 
-__all__ = ["SHUTDOWN_GRACE", "EnricherWorker", "preflight", "run_worker"]
+__all__ = ["SHUTDOWN_GRACE", "EnricherWorker", "preflight", "run_worker", "tune_gc"]
 
 SHUTDOWN_GRACE = 5.0  # seconds running calls get to finish on SIGTERM before being abandoned
+
+# Allocations (less deallocations) between two young-generation collections. Python's 700
+# made a busy worker collect about twice per 100 events, and every tenth of those collections
+# also walked the older generations: every object of Faust, aiohttp and pydantic (about 5-10%
+# of its CPU in an in-process A/B).
+GC_YOUNG_THRESHOLD = 10_000
 
 
 class EnricherWorker(faust.Worker):
@@ -46,9 +53,23 @@ class EnricherWorker(faust.Worker):
         if self.log_format == "json":
             logging.captureWarnings(True)
 
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        tune_gc()
+
     async def on_stop(self) -> None:
         await self.enricher_app.shutdown(SHUTDOWN_GRACE)
         await super().on_stop()
+
+
+def tune_gc() -> None:
+    """Once started: what exists now (modules, the app, the runtime) lives as long as the
+    process, so collections stop walking it (``gc.freeze``), and young collections run less
+    often. Cyclic garbage is still collected; only later, and in bigger batches."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def preflight(config: Config, *, timeout: float = 15.0) -> None:

@@ -7,6 +7,7 @@ where a crash allows them) and checks what the API itself saw.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from enricher.sandbox import SandboxServer, SandboxSettings, geo_answer, run_sandbox
 from enricher.services import EmbeddedRedis
+from enricher.worker import GC_YOUNG_THRESHOLD, tune_gc
 
 from .harness import Stack
 
@@ -360,3 +362,14 @@ async def test_sigterm_of_one_of_two_workers_under_backlog_duplicates_nothing(
     assert set(got.sources) == {f"{stack.topics['input']}/{p}/{o}" for p, o in stack.sent}
     assert got.duplicates() == 0 and not got.dead_letters
     assert_key_order(got.outputs)
+
+
+def test_tune_gc_freezes_what_exists_and_collects_the_young_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
