@@ -23,9 +23,9 @@ __all__ = ["SHUTDOWN_GRACE", "EnricherWorker", "preflight", "run_worker", "tune_
 SHUTDOWN_GRACE = 5.0  # seconds running calls get to finish on SIGTERM before being abandoned
 
 # Allocations (less deallocations) between two young-generation collections. Python's 700
-# made a busy worker collect about twice per 100 events, and every tenth of those collections
-# also walked the older generations: every object of Faust, aiohttp and pydantic (about 5-10%
-# of its CPU in an in-process A/B).
+# made a busy worker collect about twice per 100 events, and about every hundredth of those
+# collections walked every object of Faust, aiohttp and pydantic (all of it: 5-10% of the
+# CPU per event in an in-process A/B).
 GC_YOUNG_THRESHOLD = 10_000
 
 
