@@ -93,7 +93,12 @@ class Enricher:
         if not rules:
             return self._unmatched_outcome(event)
         try:
-            results = await self._call_all(event, rules, lane)
+            if len(rules) == 1:  # most events: one call, awaited here (one frame less per wait)
+                rule = rules[0]
+                body = await self._client.call(rule.api, rule.request_params(event), lane)
+                results = {rule.into: self._pick(rule, body)}
+            else:
+                results = await self._call_all(event, rules, lane)
         except EventError as exc:
             return DeadLetter(event, exc)
         event["enrichment"] = results
@@ -112,10 +117,6 @@ class Enricher:
     ) -> dict[str, Any]:
         """Call every matched rule's API at once; the first failure fails the event."""
         requests = [(rule, rule.request_params(event)) for rule in rules]
-        if len(requests) == 1:
-            rule, params = requests[0]
-            body = await self._client.call(rule.api, params, lane)
-            return {rule.into: self._pick(rule, body)}
         tasks = [
             asyncio.ensure_future(self._client.call(rule.api, p, lane)) for rule, p in requests
         ]

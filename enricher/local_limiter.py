@@ -149,27 +149,24 @@ class LimiterBase:
     async def _ask_seated(
         self, api: str, lane: Lane | None, seat: asyncio.Semaphore | None
     ) -> Decision:
-        """One decision with ``seat`` taken for it: kept if granted, given back otherwise."""
-        if seat is None:
-            return await self._ask(api, lane)
-        await seat.acquire()
-        try:
-            decision = await self._ask(api, lane)
-        except BaseException:
-            seat.release()
-            raise
-        if not decision.granted:
-            seat.release()
-        return decision
+        """One decision with ``seat`` taken for it: kept if granted, given back otherwise.
 
-    async def _ask(self, api: str, lane: Lane | None) -> Decision:
-        """One decision. Not run as a guarded task like the waits (a task per decision cost a
-        busy worker a few percent of its CPU): a decision is short (Redis calls time out, and
-        closing the Redis limiter fails its queued and sent decisions at once), and a close
-        meanwhile is caught as soon as it returns."""
-        self._guard.check()
-        decision = await self._decide(api, lane)
-        self._guard.check()
+        The decision is not run as a guarded task like the waits (a task per decision cost a
+        busy worker a few percent of its CPU): it is short (Redis calls time out, and closing
+        the Redis limiter fails its queued and sent decisions at once), and a close meanwhile
+        is caught as soon as it returns."""
+        if seat is not None:
+            await seat.acquire()
+        try:
+            self._guard.check()
+            decision = await self._decide(api, lane)
+            self._guard.check()
+        except BaseException:
+            if seat is not None:
+                seat.release()
+            raise
+        if not decision.granted and seat is not None:
+            seat.release()
         return decision
 
     async def _tell_hold(self, api: str, lane: Lane, reason: str | None) -> None:

@@ -232,12 +232,19 @@ class Pipeline(Generic[T]):
                 self.stats.abandoned += 1
         return completed
 
-    async def _enrich(self, record: InputRecord) -> Outcome | None:
-        """The event's outcome; None when its replay was cancelled (no output, no more calls)."""
-        replay_id = record.replay_id
-        if replay_id is None or self._replays is None:
-            return await self._enricher.enrich(record.value, record.lane)
-        if await self._replays.is_cancelled(replay_id):
+    def _enrich(self, record: InputRecord) -> Awaitable[Outcome | None]:
+        """The event's outcome; None when its replay was cancelled (no output, no more calls).
+        A live event's is the enricher's own coroutine: no frame of ours between its waits
+        and the event's task."""
+        replay_id, replays = record.replay_id, self._replays
+        if replay_id is None or replays is None:
+            return self._enricher.enrich(record.value, record.lane)
+        return self._enrich_replayed(record, replay_id, replays)
+
+    async def _enrich_replayed(
+        self, record: InputRecord, replay_id: str, replays: ReplayHooks
+    ) -> Outcome | None:
+        if await replays.is_cancelled(replay_id):
             return None
         work = asyncio.ensure_future(self._enricher.enrich(record.value, record.lane))
         try:
@@ -245,7 +252,7 @@ class Pipeline(Generic[T]):
                 done, _ = await asyncio.wait({work}, timeout=self._cancel_poll)
                 if done:
                     return work.result()
-                if await self._replays.is_cancelled(replay_id):
+                if await replays.is_cancelled(replay_id):
                     work.cancel()
                     return None
         finally:
