@@ -246,7 +246,9 @@ class ApiCaller:
         """One HTTP exchange: (decoded body or a CallError to raise, the server's Retry-After,
         its rate-limit figures)."""
         try:
-            async with self._session.request(
+            # Awaited, not entered with ``async with``: two fewer frames for every wait of the
+            # request; the connection goes back to the pool on release().
+            response = await self._session.request(
                 endpoint.method,
                 url,
                 json=body,
@@ -254,11 +256,14 @@ class ApiCaller:
                 timeout=endpoint.timeout,
                 allow_redirects=False,
                 raise_for_status=False,
-            ) as response:
+            )
+            try:
                 signal = read_signal(response.headers, now=datetime.now(UTC))
                 if 200 <= response.status < 300:
                     return await _read_json(endpoint, response), None, signal
                 return (*_status_error(endpoint, response), signal)
+            finally:
+                response.release()
         except TimeoutError:  # asyncio.TimeoutError and aiohttp's ServerTimeoutError
             message = f"timed out after {endpoint.settings.timeout}s"
             raise endpoint.error("timeout", message, retriable=True) from None

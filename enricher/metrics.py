@@ -251,46 +251,33 @@ def _exception_result(exc: BaseException) -> str | None:
 def metered_session(session: aiohttp.ClientSession, stats: WorkerStats) -> aiohttp.ClientSession:
     """``session`` counting each HTTP attempt by result, under the API of the limiter token its
     task took last. (An aiohttp trace would do the same at several signal objects per request:
-    measured 7% of a worker's CPU per event.) The caller only uses ``request``."""
+    measured 7% of a worker's CPU per event.) The caller only uses ``request``, awaited (not
+    entered), and releases the response itself."""
     return cast(aiohttp.ClientSession, _MeteredSession(session, stats))
 
 
 class _MeteredSession:
+    """``await session.request(...)``, counting the attempt once its answer (status line and
+    headers) or its failure is in: where aiohttp's request-end and request-exception trace
+    signals fire."""
+
     __slots__ = ("_inner", "_stats")
 
     def __init__(self, inner: aiohttp.ClientSession, stats: WorkerStats) -> None:
         self._inner = inner
         self._stats = stats
 
-    def request(self, method: str, url: Any, **kwargs: Any) -> _CountedRequest:
-        return _CountedRequest(self._inner.request(method, url, **kwargs), self._stats)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class _CountedRequest:
-    """``async with session.request(...)``, counting the attempt once its answer (status line
-    and headers) or its failure is in: where aiohttp's request-end and request-exception
-    trace signals fire."""
-
-    __slots__ = ("_request", "_stats")
-
-    def __init__(self, request: Any, stats: WorkerStats) -> None:
-        self._request = request
-        self._stats = stats
-
-    async def __aenter__(self) -> aiohttp.ClientResponse:
+    async def request(self, method: str, url: Any, **kwargs: Any) -> aiohttp.ClientResponse:
         try:
-            response: aiohttp.ClientResponse = await self._request.__aenter__()
+            response = await self._inner.request(method, url, **kwargs)
         except BaseException as exc:
             self._count(_exception_result(exc))
             raise
         self._count(_status_result(response.status))
         return response
 
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self._request.__aexit__(*exc_info)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
     def _count(self, result: str | None) -> None:
         api = _CURRENT_API.get()
