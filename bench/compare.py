@@ -74,8 +74,15 @@ async def measure_overhead(stack: BenchStack, run: Run, options: Options) -> Mea
     enricher = events_per_second(run.tail.live_times)
     measured.figures |= {"enricher_cpu_ms_per_event": cpu_ms}
     await run.stop()
-    say(f"  enricher: {enricher:,.0f} events/s; bare aiohttp client at {options.concurrency}...")
-    client = await bare_client(stack.sandbox_url, many, options.concurrency)
+    say(f"  enricher: {enricher:,.0f} events/s; enricher passing events through...")
+    async with side_run(stack, "passthrough") as side:
+        side.write_config(options.in_flight, options.concurrency, matching=False)
+        await side.produce(many)
+        side.start_worker()
+        passthrough_cpu_ms = await _cpu_ms_per_event(side, many, timeout=60 + many / 50)
+        passthrough = events_per_second(side.tail.live_times)
+    say(f"  pass-through: {passthrough:,.0f} events/s; bare aiohttp client...")
+    client, client_cpu_ms = await bare_client(stack.sandbox_url, many, options.concurrency)
     say(f"  client: {client:,.0f} req/s; forwarding-only Faust agent...")
     async with side_run(stack, "forward") as side:
         await side.produce(many)
@@ -91,8 +98,15 @@ async def measure_overhead(stack: BenchStack, run: Run, options: Options) -> Mea
         "recipe_cpu_ms_per_event": recipe_run.cpu_ms_per_event,
         "recipe_api_calls_per_event": ratio(recipe_run.api_calls, len(recipe_run.times)),
     }
+    # One process on one core can do no better than its Kafka side plus a bare request.
+    one_core = 1000 / (passthrough_cpu_ms + client_cpu_ms)
     measured.figures |= {
         "enricher_events_per_s": enricher,
+        "passthrough_events_per_s": passthrough,
+        "passthrough_cpu_ms_per_event": passthrough_cpu_ms,
+        "client_cpu_ms_per_request": client_cpu_ms,
+        "one_core_events_per_s": one_core,
+        "one_core_to_client": ratio(one_core, client),
         "client_requests_per_s": client,
         "forward_events_per_s": forward,
         "recipe_events_per_s": recipe,
@@ -249,9 +263,10 @@ async def measure_footprint(stack: BenchStack, run: Run, options: Options) -> Me
     return measured
 
 
-async def bare_client(base_url: str, requests: int, concurrency: int) -> float:
+async def bare_client(base_url: str, requests: int, concurrency: int) -> tuple[float, float]:
     """Requests/s of ``concurrency`` tasks sending ``GET /geo/{ip}`` and reading the body, over
-    one aiohttp session (connection pool of ``concurrency``), ``requests`` in all."""
+    one aiohttp session (connection pool of ``concurrency``), ``requests`` in all; and this
+    process's CPU ms per request meanwhile."""
     paths = [f"{base_url}/geo/{page_view(i)['client']['ip']}" for i in range(requests)]
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -263,6 +278,7 @@ async def bare_client(base_url: str, requests: int, concurrency: int) -> float:
                     await response.read()
                     response.raise_for_status()
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(loop() for _ in range(concurrency)))
-        return requests / (time.perf_counter() - started)
+        cpu_ms = (time.process_time() - cpu) * 1000 / requests
+        return requests / (time.perf_counter() - started), cpu_ms

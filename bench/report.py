@@ -137,6 +137,11 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
             "bare aiohttp client req/s",
             note=lambda o: f"ceiling, {o.concurrency} concurrent",
         ),
+        Figure(
+            "passthrough_events_per_s",
+            "enricher pass-through events/s",
+            note=lambda o: "no rule matches: no API call (its Kafka side)",
+        ),
         Figure("forward_events_per_s", "forwarding-only agent events/s", note=_ceiling),
         Figure(
             "recipe_events_per_s",
@@ -148,6 +153,19 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
         Figure("enricher_to_client", "enricher / bare client", 3, note=lambda o: "goal >= 0.6"),
         Figure("enricher_cpu_ms_per_event", "enricher CPU ms / event", 3, note=_cpu),
         Figure("forward_cpu_ms_per_event", "forwarding agent CPU ms / event", 3, note=_cpu),
+        Figure("passthrough_cpu_ms_per_event", "pass-through CPU ms / event", 3, note=_cpu),
+        Figure(
+            "client_cpu_ms_per_request",
+            "bare client CPU ms / request",
+            3,
+            note=lambda o: "the bench process, while it runs",
+        ),
+        Figure(
+            "one_core_to_client",
+            "one-core bound / bare client",
+            3,
+            note=lambda o: "1 / (pass-through + bare request CPU), over client req/s",
+        ),
         Figure("recipe_cpu_ms_per_event", "recipe CPU ms / event", 3, note=_cpu),
         Figure(
             "recipe_api_calls_per_event",

@@ -247,10 +247,17 @@ class Run:
         self._tailing: asyncio.Task[None] | None = None
 
     def write_config(
-        self, in_flight: int, concurrency: int, *, api_url: str | None = None, **api: Any
+        self,
+        in_flight: int,
+        concurrency: int,
+        *,
+        api_url: str | None = None,
+        matching: bool = True,
+        **api: Any,
     ) -> Path:
         """A config with one API ``geo`` on the sandbox at ``api_url`` (default: the zero-latency
-        one); ``api``: its other settings."""
+        one); ``api``: its other settings. ``matching=False``: its rule matches no event (each
+        passes through with an empty ``enrichment``, no API call)."""
         url = f"{api_url or self.stack.sandbox_url}/geo/{{ip}}"
         settings: dict[str, Any] = {"url": url, "concurrency": concurrency, **api}
         data = {
@@ -267,7 +274,7 @@ class Run:
             "apis": {"geo": settings},
             "enrichments": [
                 {
-                    "when": {"type": "page_view"},
+                    "when": {"type": "page_view" if matching else "no-such-type"},
                     "api": "geo",
                     "params": {"ip": "client.ip"},
                     "into": "geo",

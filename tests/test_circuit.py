@@ -167,7 +167,9 @@ async def test_a_failing_api_holds_its_calls_and_probes_once_per_cool_down(
     calls = [asyncio.create_task(worker.call("down", i)) for i in range(5)]
     assert await held(calls, 0.25)  # 5 failures open the circuit at the 3rd; nobody gives up
     opened_by = len(server.arrivals)
-    assert 3 <= opened_by <= 7  # the first calls fail, at most two of them retry once more
+    # The first calls fail; those whose failure is recorded before the third may retry once
+    # (two, unless a loaded machine records the third after a retry's 10 ms backoff: up to all).
+    assert 3 <= opened_by <= 10
     state = await read_circuit(worker.client, worker.app_id, "down")
     assert state.state in ("open", "half-open") and state.failures >= 3
 
