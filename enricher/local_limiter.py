@@ -102,23 +102,35 @@ class LimiterBase:
         grant's number (None if not counted).
 
         ``lane`` is a replay's lane (``None``: a live call); see ``lua/acquire.lua``. ``seat``
-        (the API's concurrency slots) is taken for each decision and given back after a
-        refusal: a waiter holds one only once granted, and then it is the caller's to release
-        after the call. So calls waiting for a token (a replay's at its share's pace) never
-        hold seats that granted calls could use."""
+        (the API's concurrency slots) is held once granted, and then it is the caller's to
+        release after the call. A replay's call takes it for each decision and gives it back
+        after a refusal, so a replay waiting for tokens at its share's pace never holds seats
+        that other calls could use. A live call takes it first and keeps it while it waits:
+        a refusal refuses every call of the API alike, and every call must wait for a seat
+        anyway, so it waits once (for the seat) instead of twice (for the askers' gate, then
+        for the seat)."""
         self._check(api)
         # Only a few waiters per API (and per replay) ask at a time; the rest queue here, in
         # order. A replay's waiters are refused, not given reservations, past the shared
         # bucket's horizon (acquire.lua), so a replay costs about one decision per call instead
-        # of one per retry; and refused live waiters, which hold no seat, do not all retry.
+        # of one per retry; and refused live waiters do not all retry.
         key = (api, None if lane is None else lane.replay_id)
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = asyncio.Semaphore(
                 LIVE_ASKERS if lane is None else REPLAY_ASKERS
             )
-        async with gate:
-            decision, was_held = await self._until_granted(api, lane, seat)
+        if lane is None and seat is not None:
+            await seat.acquire()
+            try:
+                async with gate:
+                    decision, was_held = await self._until_granted(api, lane, None)
+            except BaseException:
+                seat.release()
+                raise
+        else:
+            async with gate:
+                decision, was_held = await self._until_granted(api, lane, seat)
         try:  # the seat is ours until the caller's call: give it back if we never get there
             if lane is not None and was_held:
                 await self._tell_hold(api, lane, None)

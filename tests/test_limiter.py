@@ -447,7 +447,7 @@ async def test_replays_have_independent_buckets_and_caps(make: Factory) -> None:
     assert await limiter.replay_usage("paid", "c") == {}
 
 
-async def test_a_waiter_holds_its_seat_only_once_granted(make: Factory) -> None:
+async def test_a_replay_waiter_holds_its_seat_only_once_granted(make: Factory) -> None:
     limiter = make(apis(("geo", "20/s", 2, ())))
     seat = asyncio.BoundedSemaphore(1)  # the API's concurrency, say
     lane = Lane("r1", 0.05)  # 1/s, burst 1: its next slot comes 1 s after this one
@@ -473,6 +473,20 @@ async def test_a_waiter_holds_its_seat_only_once_granted(make: Factory) -> None:
     await asyncio.sleep(0)
     reserved.cancel()  # deciding or sleeping until its slot: the seat comes back either way
     await asyncio.gather(reserved, return_exceptions=True)
+    assert not seat.locked()
+
+
+async def test_a_live_waiter_takes_its_seat_first_and_gives_it_back_if_cancelled(
+    make: Factory,
+) -> None:
+    limiter = make(apis(("geo", "100/s", 1, ["1/day"])), retry_cap=0.1)
+    await limiter.acquire("geo")  # the day's quota is spent: every later call is refused
+    seat = asyncio.BoundedSemaphore(1)
+    waiting = asyncio.create_task(limiter.acquire("geo", None, seat))
+    assert await still_waiting(waiting, 0.05)
+    assert seat.locked()  # held while refused: every live call of the API is refused alike
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
     assert not seat.locked()
 
 
