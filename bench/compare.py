@@ -76,7 +76,13 @@ async def measure_overhead(stack: BenchStack, run: Run, options: Options) -> Mea
     await run.stop()
     say(f"  enricher: {enricher:,.0f} events/s; enricher passing events through...")
     async with side_run(stack, "passthrough") as side:
-        side.write_config(options.in_flight, options.concurrency, matching=False)
+        side.write_config(
+            options.in_flight,
+            options.concurrency,
+            matching=False,
+            rate=f"{FAST_RATE:g}/s",
+            cache_ttl="0",
+        )
         await side.produce(many)
         side.start_worker()
         passthrough_cpu_ms = await _cpu_ms_per_event(side, many, timeout=60 + many / 50)

@@ -14,7 +14,7 @@ raised to each caller as if it had called alone.
 A batcher keeps one connection of the client's pool for itself and writes its pipelines on it
 directly (packed commands out, one reply per command back): redis-py's ``Pipeline`` takes a
 connection from the pool, runs a task to send and records metrics for each batch, which cost a
-busy worker about a tenth of its CPU per enriched event (bench). A batch that finds the
+busy worker about a tenth of its CPU per enriched event (in-process A/B). A batch that finds the
 connection lost (Redis restarted, the connection killed) is sent once more on a new one; any
 other failure closes the connection, so a late reply is never read as the next batch's.
 
@@ -199,7 +199,9 @@ class ScriptBatcher:
 
 
 async def _exchange(connection: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-    await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+    # check_health: a PING first if the connection sat idle past the client's
+    # health_check_interval (a NAT may have dropped it); a busy worker's never does.
+    await connection.send_packed_command(connection.pack_commands(commands), check_health=True)
     replies: list[Any] = []
     for _ in commands:
         try:
