@@ -204,6 +204,11 @@ class CircuitBreaker:
         if reply is None:
             return False
         state, (wait_us, failures, changed) = text(reply[0]), (int(n) for n in reply[1:4])
+        if outcome == "failure" and state == "closed" and gate.open:
+            # A failure never closes a circuit: this answer predates the one that opened it
+            # (concurrent records run in order, but their answers may be read out of order).
+            # Taken as it came, it reopened the view and let held callers through at once.
+            return True
         self._update(gate, state != "closed", wait_us / 1e6, failures)
         if changed:
             self._tell(ticket, gate, outcome)
