@@ -62,9 +62,10 @@ async def _cpu_ms_per_event(run: Run, count: int, timeout: float) -> float:
 
 async def measure_overhead(stack: BenchStack, run: Run, options: Options) -> Measured:
     """Zero-latency API, a limit that never binds, pre-produced events for each side in turn
-    (each alone on the machine): enricher's worker and the recipe on 2x ``events``, a bare
-    aiohttp client at the same concurrency and the forwarding-only agent on 5x (they are
-    faster: each measured over a second or more)."""
+    (each alone on the machine): enricher's worker and the recipe on 2x ``events``; enricher
+    passing events through, a bare aiohttp client at the same concurrency and the
+    forwarding-only agent on 5x (they are faster: each measured over a second or more); and
+    the one-core bound from the pass-through's and the bare client's CPU."""
     measured, n, many = Measured(), 2 * options.events, 5 * options.events
     run.write_config(options.in_flight, options.concurrency, rate=f"{FAST_RATE:g}/s", cache_ttl="0")
     await run.start()

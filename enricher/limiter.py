@@ -254,8 +254,9 @@ class RedisLimiter(LimiterBase):
             raise ServiceUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
         if self._health.recovered(self._clock()):
             await self._resync()
-        if (seen := Sight.of(reply_sight(reply))).order >= sight.order:
-            self._sights[api] = seen  # replies may come out of order: keep the latest state
+        # Replies may come out of order: keep the latest state (others may have come meanwhile).
+        held = self._sights.get(api, NO_SIGHT)
+        self._sights[api] = held.later(Sight.of(reply_sight(reply)))
         decision = parse_reply(reply)
         if self._local is not None:
             self._local.observe(api, decision, now, lane)

@@ -440,13 +440,17 @@ class Sight:
         words = text.split(maxsplit=2)
         return cls(text, (int(words[0]), int(words[1])) if len(words) >= 2 else (-1, -1))
 
+    def later(self, seen: Sight) -> Sight:
+        """The later of this sight and ``seen`` (a tie keeps ``seen``)."""
+        return seen if seen.order >= self.order else self
+
 
 NO_SIGHT = Sight("", (-1, -1))
 
 
 def newer_sight(held: str, seen: str) -> str:
-    """The later of two sights (a tie keeps ``seen``)."""
-    return seen if Sight.of(seen).order >= Sight.of(held).order else held
+    """:meth:`Sight.later` of two sights' texts."""
+    return Sight.of(held).later(Sight.of(seen)).text
 
 
 def load_script(name: str) -> str:
