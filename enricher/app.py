@@ -1,10 +1,10 @@
 """The Faust layer: builds the app from the config; one loop per topic hands records to a pipeline.
 
-``create_app(config)`` returns an :class:`EnricherApp` (the Faust app plus the worker's runtime);
-there is no module-level app. Faust consumes, rebalances and commits; instead of an agent's
-stream (whose per-event machinery was a large part of the worker's CPU), each input topic's
-events are taken in batches (:mod:`enricher.intake`) by one loop. Events are acked in offset
-order, only after their output or dead letter is acknowledged by the broker.
+``create_app(config, web_port=...)`` returns an :class:`EnricherApp` (the Faust app plus the
+worker's runtime); there is no module-level app. Faust consumes, rebalances and commits;
+instead of an agent's stream (whose per-event machinery was a large part of the worker's CPU),
+each input topic's events are taken in batches (:mod:`enricher.intake`) by one loop. Events
+are acked in offset order, only after their output or dead letter is acknowledged by the broker.
 
 The app also serves ``/metrics`` and ``/health`` on its web port (:mod:`enricher.web`) and
 writes the worker's heartbeat to Redis (:mod:`enricher.heartbeat`) once its runtime is up.
@@ -26,7 +26,7 @@ from faust.types import TP
 from .config import Config
 from .errors import ShuttingDown
 from .heartbeat import Heartbeat
-from .intake import Intake, deliver_directly
+from .intake import LIVE_HOLD, REPLAY_HOLD, Intake, deliver_directly
 from .kafka_security import faust_credentials
 from .monitor import WorkerMonitor
 from .pipeline import OutputTooLarge, Pipeline, SinkUnavailable
@@ -152,8 +152,8 @@ class EnricherApp:
             self._topic(config.topics.dead_letter),
         ]
         buffer = settings["stream_buffer_maxsize"]
-        self._live_intake = Intake(self.faust, self.input_topic, buffer)
-        self._replay_intake = Intake(self.faust, self.replay_topic, buffer)
+        self._live_intake = Intake(self.faust, self.input_topic, buffer, hold=LIVE_HOLD)
+        self._replay_intake = Intake(self.faust, self.replay_topic, buffer, hold=REPLAY_HOLD)
         self.faust.task(self._live_loop)
         self.faust.task(self._replay_loop)
         self.faust.task(self._start_runtime)
@@ -332,6 +332,7 @@ async def _ack(event: AckToken) -> None:
     event.ack()
 
 
-def create_app(config: Config, *, web_port: int = 0) -> EnricherApp:
-    """Build the Faust app for ``config`` (no side effects until it is run)."""
+def create_app(config: Config, *, web_port: int) -> EnricherApp:
+    """Build the Faust app for ``config``, serving its web views on ``web_port`` (no side
+    effects until it is run)."""
     return EnricherApp(config, web_port=web_port)

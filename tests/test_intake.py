@@ -4,6 +4,7 @@ stream does (the real conductor path runs in every worker test)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -12,7 +13,16 @@ import faust
 import pytest
 from mode.utils.locks import Event as ModeEvent
 
-from enricher.intake import Intake, IntakeQueue, deliver_directly
+from enricher.app import create_app
+from enricher.config import config_from_dict
+from enricher.intake import (
+    FETCH_LONG_POLL,
+    LIVE_HOLD,
+    REPLAY_HOLD,
+    Intake,
+    IntakeQueue,
+    deliver_directly,
+)
 
 
 @dataclass
@@ -113,6 +123,19 @@ async def test_a_slow_taker_gets_its_partitions_paused_instead_of_holding_the_fe
     queue.put_nowait_enhanced(6, on_pressure_high=p1[0], on_pressure_drop=p1[1])
     await asyncio.wait_for(queue.put(7), 1)
     assert calls[4:] == ["pause p1"]
+
+
+def test_the_live_queue_holds_longer_than_fausts_long_poll_and_a_replays_pauses_sooner() -> None:
+    # A paused partition is fetched again only once the long poll in flight returns: a live
+    # queue that paused on a hiccup left a fast worker without events for up to that long.
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    source = inspect.getsource(AIOKafkaConsumerThread._create_worker_consumer)
+    assert f"fetch_max_wait_ms={round(FETCH_LONG_POLL * 1000)}," in source
+    assert REPLAY_HOLD < FETCH_LONG_POLL < LIVE_HOLD
+    app = create_app(config_from_dict({}), web_port=7001)
+    assert app._live_intake.queue.hold == LIVE_HOLD
+    assert app._replay_intake.queue.hold == REPLAY_HOLD
 
 
 def test_a_queue_needs_room_for_one() -> None:
