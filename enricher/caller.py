@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
@@ -146,26 +146,29 @@ class ApiCaller:
         if self._circuits is not None:
             await self._circuits.close()
 
-    async def call(self, api: str, params: Mapping[str, Any], lane: Lane | None = None) -> Any:
-        """Returns the decoded JSON body.
+    def call(self, api: str, params: Mapping[str, Any], lane: Lane | None = None) -> Awaitable[Any]:
+        """The call, to await: it gives the decoded JSON body. (A plain function handing over
+        the retrying call's coroutine: one frame less to pass through at every wait of a call.)
 
-        Raises CallError (kind, status, attempts filled) when attempts are exhausted or the error is
-        not retriable, and InvalidEvent when a param cannot go into the URL (null, empty path value,
-        a ``..`` segment). GET sends the params in the URL only; POST also sends all of them as a
-        JSON object body. ShuttingDown from the limiter or the circuit breaker propagates
-        unchanged. Every attempt takes its limiter token in ``lane`` (None: live traffic). A
-        cached answer makes no attempt; a cached not-found raises a CallError with ``attempts`` 0.
-        While the API's circuit is open the call waits (see the module docstring).
+        Raises InvalidEvent at once when a param cannot go into the URL (null, empty path value,
+        a ``..`` segment); the awaited call raises CallError (kind, status, attempts filled) when
+        attempts are exhausted or the error is not retriable. GET sends the params in the URL
+        only; POST also sends all of them as a JSON object body. ShuttingDown from the limiter
+        or the circuit breaker propagates unchanged. Every attempt takes its limiter token in
+        ``lane`` (None: live traffic). A cached answer makes no attempt; a cached not-found
+        raises a CallError with ``attempts`` 0. While the API's circuit is open the call waits
+        (see the module docstring).
         """
         endpoint = self._endpoints[api]
         url = render_url(endpoint.name, endpoint.template, params)
         body = dict(params) if endpoint.method == "POST" else None
         # encoded=True: send exactly these bytes; no re-quoting, no '..' normalisation.
-        fetch = partial(self._call, endpoint, URL(url, encoded=True), body, lane)
+        target = URL(url, encoded=True)
         if self._cache is None or not endpoint.cached:
-            return await fetch()
+            return self._call(endpoint, target, body, lane)
         key = request_key_of(endpoint.name, endpoint.method, url, body)
-        return await self._cache.get_or_call(endpoint.settings, key, fetch)
+        fetch = partial(self._call, endpoint, target, body, lane)
+        return self._cache.get_or_call(endpoint.settings, key, fetch)
 
     async def _call(self, endpoint: _Endpoint, url: URL, body: Any, lane: Lane | None) -> Any:
         """The retrying call: attempts until an answer, a final error or the attempts run out.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +19,8 @@ __all__ = ["ApiClient", "DeadLetter", "Dropped", "Enriched", "Enricher", "Outcom
 class ApiClient(Protocol):
     """What the enricher needs from the HTTP caller."""
 
-    async def call(self, api: str, params: Mapping[str, Any], lane: Lane | None = None) -> Any: ...
+    def call(self, api: str, params: Mapping[str, Any], lane: Lane | None = None) -> Awaitable[Any]:
+        """The call to await (it may raise an EventError at once, or when awaited)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +118,10 @@ class Enricher:
     ) -> dict[str, Any]:
         """Call every matched rule's API at once; the first failure fails the event."""
         requests = [(rule, rule.request_params(event)) for rule in rules]
-        tasks = [
-            asyncio.ensure_future(self._client.call(rule.api, p, lane)) for rule, p in requests
-        ]
+        tasks: list[asyncio.Future[Any]] = []
         try:
+            for rule, params in requests:  # a call may fail at once: the others are cancelled
+                tasks.append(asyncio.ensure_future(self._client.call(rule.api, params, lane)))
             bodies = await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:  # one failure fails the event: stop spending on the others

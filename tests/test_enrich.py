@@ -94,6 +94,28 @@ async def test_one_failing_rule_dead_letters_the_event_and_cancels_the_other_cal
     assert client.cancelled == 1
 
 
+class EagerClient(FakeClient):
+    """Like ApiCaller: a param that cannot go into the URL fails the call at once, unawaited."""
+
+    def call(self, api: str, params: Mapping[str, Any], lane: Any = None) -> Any:
+        if api == self.fail:
+            raise InvalidEvent(f"param 'user' of api '{api}' is null")
+        return super().call(api, params, lane)
+
+
+async def test_a_call_failing_before_it_is_awaited_cancels_the_calls_started_before_it() -> None:
+    client = EagerClient(fail="geo")
+    event = {"type": "login", "client": {"ip": "1.2.3.4"}, "user": {"id": 7}, "amount": 1}
+    before = asyncio.all_tasks()
+    outcome = await enricher([SCORE_RULE, GEO_RULE], client).enrich(json.dumps(event).encode())
+    assert isinstance(outcome, DeadLetter)
+    assert outcome.error.kind == "invalid_event"
+    assert "param 'user' of api 'geo'" in outcome.error.message
+    (score_call,) = asyncio.all_tasks() - before  # the score call, started first
+    await asyncio.sleep(0)
+    assert score_call.cancelled()  # not left running (and spending) for an event already failed
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
