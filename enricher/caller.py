@@ -337,7 +337,8 @@ async def _read_capped(endpoint: _Endpoint, response: aiohttp.ClientResponse) ->
 def decode_json(raw: bytes) -> Any:
     """Decode a JSON body; ValueError for invalid JSON, NaN/Infinity or nesting over 64 levels."""
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
+        # json.loads with a keyword builds a decoder (and its scanner) per call: one, kept.
+        value = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except RecursionError:
         raise _BadBody(f"response JSON nested over {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
@@ -350,6 +351,9 @@ def decode_json(raw: bytes) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _depth(value: Any) -> int:

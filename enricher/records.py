@@ -74,9 +74,13 @@ def parse_origin(header: str | None) -> tuple[str, int, int] | None:
     return parts[0], int(parts[1]), int(parts[2])
 
 
+# json.dumps with keywords builds an encoder per call: one, kept (it keeps no state between).
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def compact_json(value: Any) -> bytes:
     """The one JSON encoding of records: compact, UTF-8, non-ASCII kept."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return _COMPACT.encode(value).encode()
 
 
 def _headers(record: InputRecord) -> tuple[tuple[str, bytes], ...]:

@@ -526,7 +526,12 @@ async def test_secrets_never_reach_errors_or_logs(
 
 def test_decode_json_rejects_what_the_caller_rejects() -> None:
     assert decode_json(b'{"a": [1, 2.5, "x", null, true]}') == {"a": [1, 2.5, "x", None, True]}
-    for raw in (b"", b"{", b'{"a": Infinity}', b"[" * 100 + b"]" * 100, b"9" * 5000):
+    # what json.loads takes of bytes: a UTF-8 BOM, UTF-16 and UTF-32
+    assert decode_json(b'\xef\xbb\xbf{"a": "\xc3\xa9"}') == {"a": "\u00e9"}
+    assert decode_json('{"a": "\u00e9"}'.encode("utf-16")) == {"a": "\u00e9"}
+    assert decode_json('["x"]'.encode("utf-32-le")) == ["x"]
+    bad = (b"", b"{", b'{"a": Infinity}', b'{"a": NaN}', b'["\xff"]', b"[" * 100 + b"]" * 100)
+    for raw in (*bad, b"9" * 5000):
         with pytest.raises(ValueError):
             decode_json(raw)
 
