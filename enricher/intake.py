@@ -139,7 +139,7 @@ class Intake:
     """One topic's events for one worker loop, in batches (see the module docstring); ``hold``
     as in :class:`IntakeQueue`."""
 
-    def __init__(self, app: Any, topic: Any, maxsize: int, hold: float = REPLAY_HOLD) -> None:
+    def __init__(self, app: Any, topic: Any, maxsize: int, *, hold: float) -> None:
         self._app = app
         self.queue = IntakeQueue(maxsize, hold)
         self.channel = topic.clone_using_queue(self.queue)

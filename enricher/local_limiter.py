@@ -120,24 +120,20 @@ class LimiterBase:
             gate = self._gates[key] = asyncio.Semaphore(
                 LIVE_ASKERS if lane is None else REPLAY_ASKERS
             )
-        if lane is None and seat is not None:
+        holding = lane is None and seat is not None  # a live call takes its seat first
+        if holding and seat is not None:
             await seat.acquire()
-            try:
-                async with gate:
-                    decision, was_held = await self._until_granted(api, lane, None)
-            except BaseException:
-                seat.release()
-                raise
-        else:
-            async with gate:
-                decision, was_held = await self._until_granted(api, lane, seat)
-        try:  # the seat is ours until the caller's call: give it back if we never get there
+        try:
+            async with gate:  # a replay's call takes (and keeps) its seat with the grant
+                decision, was_held = await self._until_granted(api, lane, None if holding else seat)
+            # the seat is ours until the caller's call: give it back if we never get there
+            holding = seat is not None
             if lane is not None and was_held:
                 await self._tell_hold(api, lane, None)
             if decision.wait > 0:
                 await self._guard.run(self._sleep(decision.wait))
         except BaseException:
-            if seat is not None:
+            if holding and seat is not None:
                 seat.release()
             raise
         return decision.grant

@@ -112,8 +112,9 @@ async def test_a_call_failing_before_it_is_awaited_cancels_the_calls_started_bef
     assert outcome.error.kind == "invalid_event"
     assert "param 'user' of api 'geo'" in outcome.error.message
     (score_call,) = asyncio.all_tasks() - before  # the score call, started first
-    await asyncio.sleep(0)
-    assert score_call.cancelled()  # not left running (and spending) for an event already failed
+    with pytest.raises(asyncio.CancelledError):  # not left running for an event already failed
+        await score_call
+    assert client.cancelled == 0 and not client.calls  # cancelled before it made its call
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,7 @@ def test_a_queue_needs_room_for_one() -> None:
 
 async def test_intake_subscribes_its_channel_and_skips_what_a_faust_stream_skips() -> None:
     app = App()
-    intake = Intake(app, Topic(), maxsize=10)
+    intake = Intake(app, Topic(), maxsize=10, hold=LIVE_HOLD)
     assert app.topics.added == [("channel", intake.queue)]
     batches = intake.batches()
     intake.queue.put_nowait_enhanced(events(0, generation=0)[0])  # read before a rebalance
