@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/enricher dev
 
+# Tests run in TEST_PROCS processes, each with its own broker and Redis: most of a test's time is
+# spent waiting on worker processes and rates, so more processes than cores still pays.
+TEST_PROCS ?= 4
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_PROCS)
 
 # Benchmarks on the embedded stack (a few minutes; not part of `test`). ARGS="--quick" for a smoke run.
 bench: $(STAMP)
