@@ -65,7 +65,7 @@ class IntakeQueue:
     than that (see :data:`LIVE_HOLD` and :data:`REPLAY_HOLD`).
     """
 
-    def __init__(self, maxsize: int, hold: float = REPLAY_HOLD) -> None:
+    def __init__(self, maxsize: int, hold: float) -> None:
         if maxsize < 1 or hold < 0:
             raise ValueError(f"maxsize must be >= 1 and hold >= 0, got {maxsize} and {hold}")
         self.maxsize = maxsize

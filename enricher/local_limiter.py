@@ -120,21 +120,23 @@ class LimiterBase:
             gate = self._gates[key] = asyncio.Semaphore(
                 LIVE_ASKERS if lane is None else REPLAY_ASKERS
             )
-        holding = lane is None and seat is not None  # a live call takes its seat first
-        if holding and seat is not None:
-            await seat.acquire()
+        held = seat if lane is None else None  # the seat we hold: a live call's from the start
+        if held is not None:
+            await held.acquire()
         try:
             async with gate:  # a replay's call takes (and keeps) its seat with the grant
-                decision, was_held = await self._until_granted(api, lane, None if holding else seat)
+                decision, was_held = await self._until_granted(
+                    api, lane, None if held is not None else seat
+                )
             # the seat is ours until the caller's call: give it back if we never get there
-            holding = seat is not None
+            held = seat
             if lane is not None and was_held:
                 await self._tell_hold(api, lane, None)
             if decision.wait > 0:
                 await self._guard.run(self._sleep(decision.wait))
         except BaseException:
-            if holding and seat is not None:
-                seat.release()
+            if held is not None:
+                held.release()
             raise
         return decision.grant
 

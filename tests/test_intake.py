@@ -79,7 +79,7 @@ def events(*offsets: int, generation: int = 1) -> list[Event]:
 
 
 async def test_take_returns_everything_queued_in_order_and_waits_when_empty() -> None:
-    queue = IntakeQueue(10)
+    queue = IntakeQueue(10, hold=REPLAY_HOLD)
     for value in (1, 2, 3):
         queue.put_nowait_enhanced(value, on_pressure_high=None, on_pressure_drop=None)
     assert await queue.take() == [1, 2, 3]
@@ -92,7 +92,7 @@ async def test_take_returns_everything_queued_in_order_and_waits_when_empty() ->
 
 
 async def test_put_holds_while_full_until_a_batch_is_taken() -> None:
-    queue = IntakeQueue(2)
+    queue = IntakeQueue(2, hold=REPLAY_HOLD)
     queue.put_nowait_enhanced(1)
     queue.put_nowait_enhanced(2)
     assert queue.full()
@@ -140,7 +140,7 @@ def test_the_live_queue_holds_longer_than_fausts_long_poll_and_a_replays_pauses_
 
 def test_a_queue_needs_room_for_one() -> None:
     with pytest.raises(ValueError, match=r"maxsize must be >= 1 and hold >= 0, got 0 and 0\.25"):
-        IntakeQueue(0)
+        IntakeQueue(0, hold=REPLAY_HOLD)
 
 
 async def test_intake_subscribes_its_channel_and_skips_what_a_faust_stream_skips() -> None:
